@@ -1,0 +1,58 @@
+# Two commands for a newcomer: `make run` (whole pipeline on the sample corpus) and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+# Offline by default (the embedded models need no hub); `make run HF_HUB_OFFLINE=0` to pull hub models.
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+# Reinstall only when the requirements change.
+STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-llm.txt pyproject.toml | sha256sum | cut -c1-16)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: help setup run test lint bench serve push pull clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## Create .venv with pinned requirements (idempotent)
+
+$(STAMP): requirements.txt requirements-llm.txt pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-llm.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.setup-*
+	touch $@
+
+run: setup  ## Run the whole pipeline (dvc repro) on params.yaml's documents
+	dvc repro
+	@test ! -f metrics/report.md || cat metrics/report.md
+
+test: setup  ## Run the test suite
+	python -m pytest -q tests
+
+lint: setup  ## ruff
+	ruff check .
+
+bench: setup  ## Speed and memory benchmarks (printed side by side)
+	@for b in bench/bench_*.py; do echo "== $$b"; python $$b || exit 1; done
+
+serve: setup  ## Serve models/onnx on http://127.0.0.1:8000/v1/embeddings
+	python stages/serve.py
+
+push: setup  ## Push data and models to the DVC remote
+	dvc push
+
+pull: setup  ## Pull data and models from the DVC remote
+	dvc pull
+
+clean:  ## Remove pipeline outputs (not the venv)
+	rm -rf data/chunks data/sdg data/prep models/finetuned models/onnx dvclive

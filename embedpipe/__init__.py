@@ -1,0 +1,1 @@
+"""Shared logic of the embedding fine-tuning pipeline; the stages in `stages/` import it."""

@@ -1,0 +1,122 @@
+"""Splitting documents into passages of about `target_tokens` tokens of the base model.
+
+Passages respect structure: they are packed from whole sentences, never cross a document, start a
+new passage at a heading once the current one is big enough, and carry `overlap_tokens` of trailing
+sentences into the next passage of the same section. The heading path becomes the passage title.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from embedpipe.documents import Document
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+(?=[A-Z0-9\"'(\[])")
+
+TokenCounter = Callable[[str], int]
+
+
+@dataclass
+class _Unit:
+    text: str
+    tokens: int
+    paragraph: int  # units of one paragraph are joined by spaces, paragraphs by newlines
+    section: int
+
+
+def passage_id(title: str, text: str) -> str:
+    """Stable id from content: the same passage gets the same id on every run and machine."""
+    return "d_" + hashlib.sha256(f"{title}\n{text}".encode()).hexdigest()[:16]
+
+
+def token_counter(model_location: str) -> TokenCounter:
+    """Count tokens with the base model's own tokenizer, so sizes match what the model sees."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_location)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _units(doc: Document, count: TokenCounter, target_tokens: int) -> list[_Unit]:
+    units: list[_Unit] = []
+    paragraph = 0
+    for s_idx, section in enumerate(doc.sections):
+        for para in section.paragraphs:
+            paragraph += 1
+            for sentence in _SENTENCE_END.split(para):
+                n = count(sentence)
+                if n <= target_tokens:
+                    units.append(_Unit(sentence, n, paragraph, s_idx))
+                    continue
+                words = sentence.split()  # one over-long "sentence" (a table, a code block): cut by words
+                step = max(1, int(len(words) * target_tokens / n * 0.9))
+                for i in range(0, len(words), step):
+                    piece = " ".join(words[i : i + step])
+                    units.append(_Unit(piece, count(piece), paragraph, s_idx))
+    return units
+
+
+def _join(units: list[_Unit]) -> str:
+    out = ""
+    for prev, unit in zip([None, *units], units):
+        if prev is None:
+            out = unit.text
+        else:
+            out += (" " if prev.paragraph == unit.paragraph else "\n") + unit.text
+    return out
+
+
+def chunk_document(
+    doc: Document,
+    count: TokenCounter,
+    target_tokens: int = 200,
+    overlap_tokens: int = 30,
+    min_tokens: int = 60,
+) -> list[dict]:
+    """Passages of one document in reading order, as BEIR corpus records (without dedup)."""
+    units = _units(doc, count, target_tokens)
+    chunks: list[list[_Unit]] = []
+    current: list[_Unit] = []
+    size = 0
+    for unit in units:
+        new_section = bool(current) and unit.section != current[-1].section
+        if current and (size + unit.tokens > target_tokens or (new_section and size >= min_tokens)):
+            chunks.append(current)
+            same_section = unit.section == current[-1].section
+            current = _overlap(current, overlap_tokens) if same_section else []
+            size = sum(u.tokens for u in current)
+        if current and unit.section != current[-1].section:
+            heading = doc.sections[unit.section].headings[-1]
+            heading_unit = _Unit(heading + ":", count(heading), -unit.section - 1, unit.section)
+            current.append(heading_unit)
+            size += heading_unit.tokens
+        current.append(unit)
+        size += unit.tokens
+    if current:
+        if chunks and size < min_tokens // 2 and chunks[-1][-1].section == current[0].section:
+            chunks[-1].extend(u for u in current if u not in chunks[-1])  # a tiny tail joins its neighbour
+        else:
+            chunks.append(current)
+    records = []
+    for position, chunk in enumerate(chunks):
+        title = " > ".join(doc.sections[chunk[0].section].headings)
+        text = _join(chunk)
+        records.append(
+            {"_id": passage_id(title, text), "title": title, "text": text, "doc": doc.path, "position": position}
+        )
+    return records
+
+
+def _overlap(chunk: list[_Unit], overlap_tokens: int) -> list[_Unit]:
+    """Trailing whole sentences of a chunk that fit in the overlap budget (never the whole chunk)."""
+    tail: list[_Unit] = []
+    total = 0
+    for unit in reversed(chunk[1:]):
+        if total + unit.tokens > overlap_tokens:
+            break
+        tail.insert(0, unit)
+        total += unit.tokens
+    return tail

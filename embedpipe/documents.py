@@ -1,0 +1,259 @@
+"""Reading a folder of documents into sections of paragraphs, skipping bad files with a reason.
+
+A `Section` is a heading path (e.g. ["Pump manual", "Maintenance", "Seals"]) and its paragraphs.
+Every file found is either read or listed in the skipped report: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
+HTML_SUFFIXES = {".html", ".htm"}
+PDF_SUFFIXES = {".pdf"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
+
+
+class DocumentsError(ValueError):
+    """The documents folder as a whole is unusable (missing, empty, nothing readable)."""
+
+
+@dataclass
+class Section:
+    headings: list[str]
+    paragraphs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Document:
+    path: str  # relative to the documents folder, with forward slashes
+    sections: list[Section]
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+def discover(docs_dir: str | Path) -> tuple[list[Path], list[Skipped]]:
+    """All files under docs_dir (recursively, symlinks followed once), plus those refused on sight."""
+    root = Path(docs_dir)
+    if not root.exists():
+        raise DocumentsError(f"documents folder not found: {root}")
+    if not root.is_dir():
+        raise DocumentsError(f"not a folder: {root}")
+    files: list[Path] = []
+    skipped: list[Skipped] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink loop or a second link to the same folder
+            skipped.append(Skipped(_rel(Path(dirpath), root) + "/", "symlink loop (folder already read)"))
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.exists():
+                skipped.append(Skipped(_rel(path, root), "broken or looping symlink"))
+            elif path.suffix.lower() not in SUPPORTED_SUFFIXES:
+                skipped.append(Skipped(_rel(path, root), f"unsupported file type '{path.suffix or '(none)'}'"))
+            else:
+                files.append(path)
+    return files, skipped
+
+
+def read_document(path: Path, root: Path, max_bytes: int) -> Document | Skipped:
+    """Parse one file into sections, or say why it was skipped."""
+    rel = _rel(path, root)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return Skipped(rel, "empty file")
+        if size > max_bytes:
+            return Skipped(rel, f"larger than the size limit ({size:,} > {max_bytes:,} bytes)")
+        raw = path.read_bytes()
+    except OSError as e:
+        return Skipped(rel, f"unreadable: {e.strerror or e}")
+    suffix = path.suffix.lower()
+    if suffix in PDF_SUFFIXES:
+        sections = _parse_pdf(path)
+    else:
+        if b"\x00" in raw:
+            return Skipped(rel, "binary file (contains NUL bytes)")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            return Skipped(rel, f"not valid UTF-8 (byte {e.start})")
+        title = path.stem.replace("_", " ").replace("-", " ")
+        if suffix in HTML_SUFFIXES:
+            sections = _parse_html(text, title)
+        elif suffix == ".rst":
+            sections = _parse_rst(text, title)
+        elif suffix in {".md", ".markdown"}:
+            sections = _parse_markdown(text, title)
+        else:
+            sections = _parse_plain(text, title)
+    if isinstance(sections, str):
+        return Skipped(rel, sections)
+    sections = [s for s in sections if s.paragraphs]
+    if not sections:
+        return Skipped(rel, "no text content")
+    return Document(rel, sections)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[ \t]+", " ", text).strip()
+
+
+def _split_paragraphs(text: str) -> list[str]:
+    return [_clean(" ".join(block.splitlines())) for block in re.split(r"\n\s*\n", text) if block.strip()]
+
+
+class _SectionBuilder:
+    """Collects paragraphs under the current heading path."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.stack: list[tuple[int, str]] = []
+        self.sections: list[Section] = [Section([title])]
+
+    def heading(self, level: int, text: str) -> None:
+        text = _clean(text)
+        if not text:
+            return
+        if level == 1 and not self.stack and not self.sections[-1].paragraphs:
+            self.title = text  # the document's own H1 names it
+            self.sections[-1].headings = [text]
+            return
+        self.stack = [(lvl, h) for lvl, h in self.stack if lvl < level] + [(level, text)]
+        self.sections.append(Section([self.title] + [h for _, h in self.stack]))
+
+    def paragraph(self, text: str) -> None:
+        text = _clean(text)
+        if text:
+            self.sections[-1].paragraphs.append(text)
+
+
+def _parse_markdown(text: str, title: str) -> list[Section]:
+    builder = _SectionBuilder(title)
+    block: list[str] = []
+    in_fence = False
+
+    def flush() -> None:
+        if block:
+            for para in _split_paragraphs("\n".join(block)):
+                builder.paragraph(para)
+            block.clear()
+
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            in_fence = not in_fence
+            continue
+        match = None if in_fence else re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
+        if match:
+            flush()
+            builder.heading(len(match.group(1)), match.group(2))
+        elif not in_fence and not line.strip():
+            flush()
+        else:
+            block.append(re.sub(r"^\s*([-*+]|\d+[.)])\s+", "- ", line) if not in_fence else line)
+    flush()
+    return builder.sections
+
+
+_UNDERLINE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")
+
+
+def _parse_rst(text: str, title: str) -> list[Section]:
+    """reStructuredText: a line underlined with = - ~ ^ is a heading; levels in order of appearance."""
+    builder = _SectionBuilder(title)
+    lines = text.splitlines()
+    levels: list[str] = []
+    block: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if line.strip() and _UNDERLINE.match(nxt) and len(nxt.strip()) >= len(line.strip()) * 0.6:
+            for para in _split_paragraphs("\n".join(block)):
+                builder.paragraph(para)
+            block = []
+            char = nxt.strip()[0]
+            if char not in levels:
+                levels.append(char)
+            builder.heading(levels.index(char) + 1, line)
+            i += 2
+            continue
+        if not _UNDERLINE.match(line) and not line.strip().startswith(".. "):
+            block.append(line)
+        i += 1
+    for para in _split_paragraphs("\n".join(block)):
+        builder.paragraph(para)
+    return builder.sections
+
+
+def _parse_plain(text: str, title: str) -> list[Section]:
+    """Plain text: paragraphs by blank lines; an underlined line or a short ALL-CAPS line is a heading."""
+    builder = _SectionBuilder(title)
+    for block in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in block.splitlines() if ln.strip()]
+        if not lines:
+            continue
+        if len(lines) >= 2 and _UNDERLINE.match(lines[1]):
+            builder.heading(1 if lines[1].strip()[0] == "=" else 2, lines[0])
+            lines = lines[2:]
+        elif len(lines[0]) <= 80 and lines[0].strip().isupper() and len(lines[0].split()) <= 10:
+            builder.heading(2, lines[0].strip().title())
+            lines = lines[1:]
+        if lines:
+            builder.paragraph(" ".join(ln.strip() for ln in lines))
+    return builder.sections
+
+
+def _parse_html(text: str, title: str) -> list[Section]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(text, "lxml")
+    for tag in soup(["script", "style", "nav", "footer", "header", "noscript", "template", "aside"]):
+        tag.decompose()
+    page_title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    builder = _SectionBuilder(page_title or title)
+    body = soup.body or soup
+    for element in body.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "tr", "dt", "dd", "blockquote"]):
+        if element.find_parent(["li", "p", "pre", "tr", "blockquote"]) is not None:
+            continue  # its text is part of the enclosing block
+        if element.name.startswith("h"):
+            builder.heading(int(element.name[1]), element.get_text(" ", strip=True))
+        elif element.name == "tr":
+            cells = [c.get_text(" ", strip=True) for c in element.find_all(["th", "td"])]
+            builder.paragraph(" | ".join(c for c in cells if c))
+        else:
+            prefix = "- " if element.name == "li" else ""
+            builder.paragraph(prefix + element.get_text(" ", strip=True))
+    return builder.sections
+
+
+def _parse_pdf(path: Path) -> list[Section] | str:
+    try:
+        from pypdf import PdfReader
+
+        reader = PdfReader(str(path))
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except Exception as e:  # pypdf raises many types on damaged files
+        return f"unreadable PDF ({type(e).__name__}: {e})"
+    builder = _SectionBuilder(path.stem.replace("_", " "))
+    for para in _split_paragraphs("\n\n".join(pages)):
+        builder.paragraph(para)
+    return builder.sections
