@@ -4,6 +4,7 @@ SHELL := /bin/bash
 
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONPATH := $(CURDIR)
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 # Offline by default (the embedded models need no hub); `make run HF_HUB_OFFLINE=0` to pull hub models.

@@ -126,6 +126,7 @@ class _SectionBuilder:
 
     def __init__(self, title: str):
         self.title = title
+        self.titled = False  # set once the document's own first heading has named it
         self.stack: list[tuple[int, str]] = []
         self.sections: list[Section] = [Section([title])]
 
@@ -133,8 +134,9 @@ class _SectionBuilder:
         text = _clean(text)
         if not text:
             return
-        if level == 1 and not self.stack and not self.sections[-1].paragraphs:
-            self.title = text  # the document's own H1 names it
+        if level == 1 and not self.titled and len(self.sections) == 1 and not self.sections[0].paragraphs:
+            self.title = text  # the document's own first H1 names it
+            self.titled = True
             self.sections[-1].headings = [text]
             return
         self.stack = [(lvl, h) for lvl, h in self.stack if lvl < level] + [(level, text)]
@@ -215,7 +217,7 @@ def _parse_plain(text: str, title: str) -> list[Section]:
             builder.heading(1 if lines[1].strip()[0] == "=" else 2, lines[0])
             lines = lines[2:]
         elif len(lines[0]) <= 80 and lines[0].strip().isupper() and len(lines[0].split()) <= 10:
-            builder.heading(2, lines[0].strip().title())
+            builder.heading(2 if builder.titled or builder.sections[0].paragraphs else 1, lines[0].strip().title())
             lines = lines[1:]
         if lines:
             builder.paragraph(" ".join(ln.strip() for ln in lines))
