@@ -63,3 +63,21 @@ def search(
         top_indices[q_start:q_end] = best_i
     return top_scores, top_indices
 
+
+
+Run = dict[str, dict[str, float]]
+
+
+def retrieve(
+    query_embeddings: np.ndarray,
+    corpus_embeddings: np.ndarray,
+    query_ids: Sequence[str],
+    corpus_ids: Sequence[str],
+    k: int = 100,
+) -> Run:
+    """Top-k retrieval as a TREC-style run: {query_id: {corpus_id: score}}."""
+    scores, indices = search(query_embeddings, corpus_embeddings, k)
+    run: Run = {}
+    for qid, row_scores, row_indices in zip(query_ids, scores, indices):
+        run[qid] = {corpus_ids[i]: float(s) for s, i in zip(row_scores, row_indices) if i >= 0}
+    return run
