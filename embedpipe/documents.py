@@ -63,6 +63,8 @@ def discover(docs_dir: str | Path) -> tuple[list[Path], list[Skipped]]:
             path = Path(dirpath) / name
             if path.is_symlink() and not path.exists():
                 skipped.append(Skipped(_rel(path, root), "broken or looping symlink"))
+            elif not path.is_file():
+                skipped.append(Skipped(_rel(path, root), "not a regular file"))
             elif path.suffix.lower() not in SUPPORTED_SUFFIXES:
                 skipped.append(Skipped(_rel(path, root), f"unsupported file type '{path.suffix or '(none)'}'"))
             else:

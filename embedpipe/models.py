@@ -77,7 +77,7 @@ def encode(
 ) -> np.ndarray:
     """Encode texts with a prompt prefix into L2-normalised float32 rows (cosine = dot product)."""
     if not texts:
-        dim = model.get_sentence_embedding_dimension()
+        dim = model.get_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
     embeddings = model.encode(
         texts,
