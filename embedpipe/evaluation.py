@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from embedpipe.io import atomic_open, passage_text
-from embedpipe.metrics import Qrels, aggregate, per_query_metrics
+from embedpipe.metrics import Qrels, aggregate, metric_names, per_query_metrics
 from embedpipe.retrieval import Run, retrieve
 
 PerQuery = dict[str, dict[str, float]]
@@ -61,7 +61,13 @@ def evaluate_embedder(
     query_vecs = embed([queries[q]["text"] for q in query_ids], "query")
     run = retrieve(query_vecs, passages, query_ids, corpus_ids, k=k)
     per_query = per_query_metrics(qrels, run)
-    return Result(name, run, per_query, aggregate(per_query), int(passages.shape[1]))
+    return Result(name, run, per_query, by_family(aggregate(per_query)), int(passages.shape[1]))
+
+
+def by_family(metrics: Mapping[str, float]) -> dict[str, float]:
+    """NDCG@1..100, then Recall, Precision, MAP, MRR: the order the recipe prints them in."""
+    order = [m for m in metric_names() if m in metrics]
+    return {m: metrics[m] for m in order + [m for m in metrics if m not in order]}
 
 
 # --- comparing two models --------------------------------------------------------------------------
@@ -268,7 +274,7 @@ def write_report(
             (f"{len(improved)} most improved queries", improved),
             (f"{len(regressed)} most regressed queries", regressed),
         ):
-            lines += [f"## {title}", ""]
+            lines += [f"## {title} (nDCG@10, up to {n_queries})", ""]
             if not items:
                 lines += ["(none)", ""]
             for qid, change in items:

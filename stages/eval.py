@@ -283,7 +283,7 @@ def run_models(
     rows: dict[str, Any] = {"queries": len(qrels), "passages": len(corpus)}
     for label, s in scores.items():
         rows.update({f"{label} {display_name(m)}": s[m] for m in (HEADLINE, "recall@10", "mrr@10")})
-    rows.update({"report": str(out / "report.md"), "wall time (s)": round(time.time() - started, 1)})
+    rows.update({"report": str(out / "report.md"), "wall time (s)": f"{time.time() - started:.1f}"})
     summary("eval", rows)
     if regression:
         d = metrics["delta"][HEADLINE]
@@ -403,7 +403,7 @@ def run_endpoint(
             "passages": len(corpus),
             "dimension": result.dimension,
             "metrics within tolerance": f"{len(rows) - len(failed)}/{len(rows)}",
-            "wall time (s)": round(time.time() - started, 1),
+            "wall time (s)": f"{time.time() - started:.1f}",
         },
     )
     if not rows:
