@@ -173,11 +173,11 @@ def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, float]]
     for i, (model, scores) in enumerate(results.items()):
         ax.bar(x + (i - (len(results) - 1) / 2) * width, [scores[m] for m in names], width, label=model)
     ax.set_xticks(x, [display_name(m) for m in names], rotation=60, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)  # headroom for the legend
     ax.set_ylabel("score")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right", ncol=len(results))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
