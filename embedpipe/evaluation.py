@@ -1,0 +1,309 @@
+"""Retrieval evaluation on a BEIR folder: base vs fine-tuned, per-query analysis, report and plot.
+
+Search is `embedpipe.retrieval.retrieve` and metrics are `embedpipe.metrics` (pytrec_eval); this module
+only wires them together and turns the numbers into something a person can act on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedpipe.io import atomic_open, passage_text
+from embedpipe.metrics import Qrels, aggregate, metric_names, per_query_metrics
+from embedpipe.retrieval import Run, retrieve
+
+PerQuery = dict[str, dict[str, float]]
+Embedder = Callable[[list[str], str], np.ndarray]  # (texts, "query" | "passage") -> L2-normalised rows
+
+HEADLINE = "ndcg@10"  # the metric a regression is judged on, as in the recipe
+
+
+@dataclass
+class Result:
+    """Everything one model produced on one BEIR folder."""
+
+    name: str
+    run: Run
+    per_query: PerQuery
+    metrics: dict[str, float]
+    dimension: int
+
+
+def model_embedder(model: Any, query_prompt: str, passage_prompt: str, batch_size: int, progress: bool) -> Embedder:
+    """Wrap a SentenceTransformer so that queries and passages get their prompts (as in training)."""
+    from embedpipe.models import encode
+
+    def embed(texts: list[str], kind: str) -> np.ndarray:
+        prompt = query_prompt if kind == "query" else passage_prompt
+        return encode(model, texts, prompt=prompt, batch_size=batch_size, show_progress_bar=progress)
+
+    return embed
+
+
+def evaluate_embedder(
+    name: str,
+    embed: Embedder,
+    corpus: Mapping[str, dict[str, Any]],
+    queries: Mapping[str, dict[str, Any]],
+    qrels: Qrels,
+    k: int = 100,
+) -> Result:
+    """Embed corpus and queries, retrieve the top k for every query over the whole corpus, score with pytrec_eval."""
+    corpus_ids = list(corpus)
+    query_ids = list(queries)
+    passages = embed([passage_text(corpus[c]) for c in corpus_ids], "passage")
+    query_vecs = embed([queries[q]["text"] for q in query_ids], "query")
+    run = retrieve(query_vecs, passages, query_ids, corpus_ids, k=k)
+    per_query = per_query_metrics(qrels, run)
+    return Result(name, run, per_query, by_family(aggregate(per_query)), int(passages.shape[1]))
+
+
+def by_family(metrics: Mapping[str, float]) -> dict[str, float]:
+    """NDCG@1..100, then Recall, Precision, MAP, MRR: the order the recipe prints them in."""
+    order = [m for m in metric_names() if m in metrics]
+    return {m: metrics[m] for m in order + [m for m in metrics if m not in order]}
+
+
+# --- comparing two models --------------------------------------------------------------------------
+
+
+def display_name(metric: str) -> str:
+    """`ndcg@10` -> `NDCG@10`, `recall@5` -> `Recall@5`: the recipe's spelling."""
+    family, _, k = metric.partition("@")
+    pretty = {"ndcg": "NDCG", "map": "MAP", "mrr": "MRR"}.get(family, family.capitalize())
+    return f"{pretty}@{k}" if k else pretty
+
+
+def delta(base: Mapping[str, float], finetuned: Mapping[str, float]) -> dict[str, float]:
+    return {m: round(finetuned[m] - base[m], 5) for m in base if m in finetuned}
+
+
+def comparison_line(metric: str, base: float, finetuned: float) -> str:
+    """One line as the recipe prints it: `NDCG@10: 0.55506 → 0.61559 (+0.06053, +10.9%)`."""
+    diff = finetuned - base
+    relative = f"{diff / base * 100:+.1f}%" if base > 0 else "n/a"
+    return f"{display_name(metric)}: {base:.5f} → {finetuned:.5f} ({diff:+.5f}, {relative})"
+
+
+def comparison_lines(base: Mapping[str, float], finetuned: Mapping[str, float]) -> list[str]:
+    return [comparison_line(m, base[m], finetuned[m]) for m in base if m in finetuned]
+
+
+def metadata_value(query: Mapping[str, Any], field: str) -> str:
+    """A query's metadata field as a group label; queries of users' own BEIR folders may lack it."""
+    value = (query.get("metadata") or {}).get(field)
+    return "unknown" if value is None or value == "" else str(value)
+
+
+def breakdown(
+    queries: Mapping[str, dict[str, Any]],
+    per_query: Mapping[str, PerQuery],
+    field: str,
+    metrics: Sequence[str] = (HEADLINE, "recall@10"),
+) -> dict[str, dict[str, float]]:
+    """Mean metrics per group of `field` (query_type, hop_count) for every model, e.g.
+    {"multi_hop": {"queries": 12, "base/ndcg@10": 0.41, "finetuned/ndcg@10": 0.52, ...}}."""
+    groups: dict[str, list[str]] = {}
+    judged = next(iter(per_query.values()))
+    for qid in judged:
+        groups.setdefault(metadata_value(queries.get(qid, {}), field), []).append(qid)
+    table: dict[str, dict[str, float]] = {}
+    for group in sorted(groups, key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else 0, g)):
+        qids = groups[group]
+        row: dict[str, float] = {"queries": len(qids)}
+        for model, scores in per_query.items():
+            for metric in metrics:
+                row[f"{model}/{metric}"] = round(sum(scores[q][metric] for q in qids) / len(qids), 5)
+        table[group] = row
+    return table
+
+
+def most_changed(base: PerQuery, finetuned: PerQuery, n: int = 10, metric: str = HEADLINE) -> tuple[list, list]:
+    """The n queries that gained most and the n that lost most on `metric` (ties by query id)."""
+    changes = sorted(((finetuned[q][metric] - base[q][metric], q) for q in base if q in finetuned), key=lambda x: x[1])
+    improved = [(q, d) for d, q in sorted(changes, key=lambda x: -x[0]) if d > 0][:n]
+    regressed = [(q, d) for d, q in sorted(changes, key=lambda x: x[0]) if d < 0][:n]
+    return improved, regressed
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def write_trec_run(path: str | Path, run: Run, tag: str) -> None:
+    """TREC run format (`qid Q0 docid rank score tag`), readable by trec_eval and pytrec_eval."""
+    with atomic_open(path) as f:
+        for qid, docs in run.items():
+            ranked = sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))
+            for rank, (doc_id, score) in enumerate(ranked, 1):
+                f.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+
+
+def plot_rows(results: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Long-form rows for the DVC bar plot: one bar per (metric, model), e.g. `NDCG@10 finetuned`."""
+    names = next(iter(results.values())).keys()
+    return [
+        {"metric": f"{display_name(m)} {model}", "value": scores[m]} for m in names for model, scores in results.items()
+    ]
+
+
+def write_plot_csv(path: str | Path, results: Mapping[str, Mapping[str, float]]) -> None:
+    with atomic_open(path) as f:
+        f.write("metric,value\n")
+        for row in plot_rows(results):
+            f.write(f"{row['metric']},{row['value']:.5f}\n")
+
+
+def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, float]], title: str) -> None:
+    """Grouped bars, one group per metric, one bar per model (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(results.values())).keys())
+    x = np.arange(len(names))
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.6), 4.5))
+    for i, (model, scores) in enumerate(results.items()):
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, [scores[m] for m in names], width, label=model)
+    ax.set_xticks(x, [display_name(m) for m in names], rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.15)  # headroom for the legend
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper right", ncol=len(results))
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def _snippet(record: Mapping[str, Any], width: int = 90) -> str:
+    text = " ".join(passage_text(record).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _query_block(
+    qid: str,
+    change: float,
+    queries: Mapping[str, dict[str, Any]],
+    corpus: Mapping[str, dict[str, Any]],
+    qrels: Qrels,
+    results: Mapping[str, Result],
+    top: int,
+) -> list[str]:
+    query = queries[qid]
+    scores = ", ".join(f"{name} {r.per_query[qid][HEADLINE]:.3f}" for name, r in results.items())
+    lines = [
+        f"### `{qid}` ({change:+.3f} nDCG@10)",
+        "",
+        f"> {' '.join(query['text'].split())}",
+        "",
+        f"type `{metadata_value(query, 'query_type')}`, hops `{metadata_value(query, 'hop_count')}`; "
+        f"nDCG@10: {scores}; relevant: {', '.join(f'`{d}`' for d in qrels[qid])}",
+        "",
+    ]
+    for name, result in results.items():
+        ranked = sorted(result.run.get(qid, {}).items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        rows = [
+            (rank, "✓" if qrels[qid].get(doc, 0) > 0 else "", f"`{doc}`", f"{score:.3f}", _snippet(corpus[doc]))
+            for rank, (doc, score) in enumerate(ranked, 1)
+        ]
+        lines += [f"**{name}** top {top}:", ""] + _md_table(["#", "rel", "passage", "score", "text"], rows) + [""]
+    return lines
+
+
+def write_report(
+    path: str | Path,
+    *,
+    beir_dir: str,
+    corpus: Mapping[str, dict[str, Any]],
+    queries: Mapping[str, dict[str, Any]],
+    qrels: Qrels,
+    results: Mapping[str, Result],
+    breakdowns: Mapping[str, Mapping[str, Mapping[str, float]]],
+    k: int = 100,
+    n_queries: int = 10,
+    top: int = 5,
+) -> None:
+    """Markdown report for error analysis: metrics, breakdowns, and the queries that moved most."""
+    names = list(results)
+    lines = [
+        "# Retrieval evaluation",
+        "",
+        f"Test set `{beir_dir}`: {len(queries)} queries over {len(corpus)} passages "
+        f"(exact search over the whole corpus, top {k}).",
+        "",
+        "## Metrics",
+        "",
+    ]
+    metric_names = list(results[names[0]].metrics)
+    rows = [[display_name(m)] + [results[n].metrics[m] for n in names] for m in metric_names]
+    header = ["metric"] + names
+    if len(names) == 2:
+        base, tuned = (results[n].metrics for n in names)
+        rows = [row + [round(tuned[m] - base[m], 5)] for row, m in zip(rows, metric_names, strict=True)]
+        header.append("delta")
+    lines += _md_table(header, rows) + [""]
+    for field, table in breakdowns.items():
+        lines += [f"## By {field}", ""]
+        cols = [c for c in next(iter(table.values())) if c != "queries"] if table else []
+        lines += _md_table(
+            [field, "queries"] + cols, [[g, int(r["queries"])] + [r[c] for c in cols] for g, r in table.items()]
+        )
+        lines.append("")
+    if len(names) == 2:
+        base_pq, tuned_pq = (results[n].per_query for n in names)
+        improved, regressed = most_changed(base_pq, tuned_pq, n_queries)
+        for title, items in (("Most improved queries", improved), ("Most regressed queries", regressed)):
+            lines += [f"## {title} (nDCG@10, up to {n_queries})", ""]
+            if not items:
+                lines += ["(none)", ""]
+            for qid, change in items:
+                lines += _query_block(qid, change, queries, corpus, qrels, results, top)
+    with atomic_open(path) as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+
+
+# --- endpoint vs reference -------------------------------------------------------------------------
+
+
+def tolerance_for(metric: str, tolerance_at_1: float, tolerance: float) -> float:
+    """The recipe's conversion-noise allowance: looser at @1 (one swap moves it a lot), tighter at @5+."""
+    return tolerance_at_1 if metric.endswith("@1") else tolerance
+
+
+def compare_with_reference(
+    measured: Mapping[str, float], reference: Mapping[str, float], tolerance_at_1: float, tolerance: float
+) -> dict[str, dict[str, Any]]:
+    """Per metric: measured, reference, delta, tolerance and whether |delta| is within it."""
+    rows: dict[str, dict[str, Any]] = {}
+    for metric, value in measured.items():
+        if metric not in reference or not isinstance(reference[metric], int | float):
+            continue
+        ref = float(reference[metric])
+        tol = tolerance_for(metric, tolerance_at_1, tolerance)
+        diff = round(value - ref, 5)
+        rows[metric] = {
+            "endpoint": value,
+            "reference": ref,
+            "delta": diff,
+            "tolerance": tol,
+            "pass": bool(math.isfinite(value) and abs(diff) <= tol + 1e-9),
+        }
+    return rows
