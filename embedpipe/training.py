@@ -343,7 +343,6 @@ def train(
         logging_first_step=True,
         report_to="none",
         ddp_backend=("gloo" if device == "cpu" else "nccl") if distributed else None,
-        ddp_find_unused_parameters=False if distributed else None,
         dataloader_drop_last=distributed,
     )
     base = float(evaluator(model)[f"{METRIC}"])

@@ -149,6 +149,11 @@ def main(
     )
     if not main_proc:
         return
+    if result.steps == 0:
+        raise click.ClickException(
+            "no training step ran: no batch could be formed (with in_batch_negatives the duplicate-free sampler "
+            "needs batch x passages_per_query distinct passages; lower passages_per_query or the batch)"
+        )
 
     note = ""
     saved = "best fine-tuned checkpoint"

@@ -59,7 +59,7 @@ def test_a_few_steps_lower_the_loss(prep_dir, tmp_path):
     assert table.examples == 18  # 16 single-hop + 1 two-hop question unrolled
     cfg = {"passages_per_query": 3, "temperature": 0.02, "in_batch_negatives": False, "cached": False,
            "mini_batch_size": 8, "learning_rate": 5e-5, "epochs": 2, "max_steps": 4, "warmup_ratio": 0.0,
-           "weight_decay": 0.01, "global_batch_size": 128, "small_data_threshold": 2000, "min_checkpoints": 2,
+           "weight_decay": 0.01, "global_batch_size": 128, "small_data_threshold": 2000, "min_checkpoints": 1,
            "eval_steps": 200, "seed": 0, "bf16": "auto"}  # fmt: skip
     plan = plan_training(table.examples, cfg)
     queries, relevant = validation_queries(read_jsonl(prep_dir / "val.jsonl"), corpus)
@@ -70,32 +70,9 @@ def test_a_few_steps_lower_the_loss(prep_dir, tmp_path):
     after = table_loss(model, table, loss_fn)
     assert result.steps == 4
     assert after < before * 0.9, (before, after)
-    assert 0.0 <= result.base_ndcg10 <= 1.0 and result.best_step in (0, 2, 4)
+    assert 0.0 <= result.base_ndcg10 <= 1.0 and result.best_step in (0, 4)
     live_files = {p.name for p in (tmp_path / "live").rglob("*.tsv")}
     assert {"loss.tsv", "learning_rate.tsv", "val_cosine_ndcg@10.tsv"} <= live_files
-
-
-def test_stage_in_batch_negatives_saves_a_loadable_model_with_prompts(prep_dir, tmp_path, minilm):
-    params = tiny_params(tmp_path / "params.yaml", in_batch_negatives=True, learning_rate=2e-5, max_steps=2)
-    proc = run_stage(tmp_path, prep_dir, params)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "train.json").read_text())
-    assert metrics["steps"] == 2 and metrics["examples"] == 18 and metrics["in_batch_negatives"] is True
-    assert metrics["batch_size"] == 16 and metrics["device"] == "cpu"
-    assert metrics["saved_model"] == ("base" if metrics["regression"] else "finetuned")
-    assert {"val_ndcg@10_base", "val_ndcg@10_finetuned", "best_step", "wall_time_s"} <= set(metrics)
-
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
-    assert model.prompts == PROMPTS
-    by_name = model.encode(["descale the kettle"], prompt_name="query", normalize_embeddings=True)
-    by_prompt = encode(model, ["descale the kettle"], prompt="query: ")
-    np.testing.assert_allclose(by_name, by_prompt, atol=1e-6)
-    card = (tmp_path / "model" / "README.md").read_text()
-    assert "all-MiniLM-L6-v2" in card and "nDCG@10" in card and "SentenceTransformer(" in card
-    assert (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
-    assert not (tmp_path / "ckpt").exists()  # scratch checkpoints removed
 
 
 def test_regression_guard_saves_the_base_model_and_can_fail(prep_dir, tmp_path, minilm):
@@ -114,12 +91,26 @@ def test_regression_guard_saves_the_base_model_and_can_fail(prep_dir, tmp_path, 
     )
 
 
-def test_two_process_gloo_run(prep_dir, tmp_path):
-    """The same stage under torchrun: 2 CPU processes (gloo), gathered in-batch negatives, a couple of steps."""
-    params = tiny_params(tmp_path / "params.yaml", in_batch_negatives=True, max_steps=2, nproc_per_node=2)
+def test_two_process_gloo_run_saves_a_loadable_model_with_prompts(prep_dir, tmp_path):
+    """The same stage under torchrun: 2 CPU processes (gloo), in-batch negatives gathered across them."""
+    # passages_per_query 1: with hard-negative columns the tiny corpus (21 passages) cannot fill duplicate-free batches
+    params = tiny_params(
+        tmp_path / "params.yaml", in_batch_negatives=True, passages_per_query=1, max_steps=2, nproc_per_node=2
+    )
     proc = run_stage(tmp_path, prep_dir, params)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "train.json").read_text())
-    assert metrics["processes"] == 2 and metrics["steps"] == 2 and metrics["per_device_batch"] == 8
-    model = load_model(str(tmp_path / "model"), device="cpu")
-    assert encode(model, ["kettle"], prompt="query: ").shape == (1, 384)
+    assert (metrics["processes"], metrics["steps"], metrics["per_device_batch"], metrics["batch_size"]) == (2, 2, 8, 16)
+    assert metrics["saved_model"] == ("base" if metrics["regression"] else "finetuned")
+    assert {"val_ndcg@10_base", "val_ndcg@10_finetuned", "best_step", "wall_time_s", "examples"} <= set(metrics)
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    assert {k: model.prompts[k] for k in PROMPTS} == PROMPTS
+    by_name = model.encode(["descale the kettle"], prompt_name="query", normalize_embeddings=True)
+    np.testing.assert_allclose(by_name, encode(model, ["descale the kettle"], prompt="query: "), atol=1e-6)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "all-MiniLM-L6-v2" in card and "nDCG@10" in card and "SentenceTransformer(" in card
+    assert (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    assert not (tmp_path / "ckpt").exists()  # scratch checkpoints removed
