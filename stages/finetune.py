@@ -222,7 +222,7 @@ def main(
         "max_seq_length": seq,
         "in_batch_negatives": bool(cfg["in_batch_negatives"]),
         "device": device,
-        "profile": "cpu" if device == "cpu" and raw.get("cpu") else "gpu",
+        "profile": "cpu" if device == "cpu" and raw.get("cpu") else "recipe",
         "first_loss": result.first_loss,
         "final_loss": result.final_loss,
         "best_step": result.best_step,
