@@ -228,7 +228,7 @@ class Mined:
     pos_scores: list[list[float]]  # per query, aligned with its positives
     neg_rows: list[list[int]]  # per query, candidate rows, best first (<= k)
     neg_scores: list[list[float]]
-    removed_by_margin: int  # candidates (non-positive) scoring above the ceiling, all queries together
+    removed_by_margin: int  # candidates (non-positive) scoring above the ceiling, all queries (-1: not counted)
     candidates: int  # non-positive candidates, all queries together
     short: int  # queries with fewer than k negatives
 
@@ -243,7 +243,7 @@ def mine(
     relative_margin: float = 0.05,
     absolute_margin: float = 0.0,
     query_batch: int = 256,
-    corpus_block: int = 65536,
+    corpus_block: int = 16384,
     count_removed: bool = True,
 ) -> Mined:
     """Top-k negatives per query below the margin ceiling; every positive of the query is excluded.

@@ -103,7 +103,8 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         query_emb, corpus_emb, [[row_of[p] for p in q["segment_ids"]] for q in mined_qs], k,
         mode=cfg.get("margin_mode", "relative"), relative_margin=float(cfg.get("relative_margin", 0.05)),
         absolute_margin=float(cfg.get("absolute_margin", 0.0)),
-        query_batch=int(cfg.get("query_batch", 256)), corpus_block=int(cfg.get("corpus_block", 65536)),
+        query_batch=int(cfg.get("query_batch", 256)), corpus_block=int(cfg.get("corpus_block", 16384)),
+        count_removed=bool(cfg.get("count_margin_removed", True)),
     )
     search_s = time.time() - t0
     examples = unroll(mined_qs, train_ids, mined)
@@ -139,7 +140,8 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         "positive_score_median": pos_median,
         "negative_score_mean": neg_mean,
         "negative_score_median": neg_median,
-        "margin_removed_fraction": round(mined.removed_by_margin / mined.candidates, 6) if mined.candidates else 0.0,
+        "margin_removed_fraction": (round(mined.removed_by_margin / mined.candidates, 6)
+                                    if mined.candidates and mined.removed_by_margin >= 0 else None),
         "queries_with_fewer_than_k_negatives": mined.short,
         "encode_s": round(encode_s, 2),
         "search_s": round(search_s, 3),
