@@ -34,26 +34,32 @@ def search(
     top_indices = np.full((n_queries, k), -1, dtype=np.int64)
     if k == 0 or n_corpus == 0:
         return top_scores, top_indices
+    import torch  # torch.topk is multi-threaded and several times faster than np.argpartition
+
+    corpus_t = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
+    ceilings = None if max_score is None else torch.from_numpy(np.asarray(max_score, dtype=np.float32))
     for q_start in range(0, n_queries, query_batch):
         q_end = min(q_start + query_batch, n_queries)
-        best_s = top_scores[q_start:q_end]
-        best_i = top_indices[q_start:q_end]
+        q_t = torch.from_numpy(np.ascontiguousarray(queries[q_start:q_end], dtype=np.float32))
+        best_s = torch.full((q_end - q_start, k), -torch.inf)
+        best_i = torch.full((q_end - q_start, k), -1, dtype=torch.int64)
         for c_start in range(0, n_corpus, corpus_block):
             c_end = min(c_start + corpus_block, n_corpus)
-            scores = queries[q_start:q_end] @ corpus[c_start:c_end].T
-            if max_score is not None:
-                scores[scores > max_score[q_start:q_end, None]] = -np.inf
+            scores = q_t @ corpus_t[c_start:c_end].T
+            if ceilings is not None:
+                scores.masked_fill_(scores > ceilings[q_start:q_end, None], -torch.inf)
             if exclude is not None:
-                for row, q in enumerate(range(q_start, q_end)):
-                    cols = [c - c_start for c in exclude[q] if c_start <= c < c_end]
-                    scores[row, cols] = -np.inf
-            block_idx = np.broadcast_to(np.arange(c_start, c_end), scores.shape)
-            merged_s = np.concatenate([best_s, scores], axis=1)
-            merged_i = np.concatenate([best_i, block_idx], axis=1)
-            keep = min(k, merged_s.shape[1])
-            part = np.argpartition(-merged_s, keep - 1, axis=1)[:, :keep]
-            best_s = np.take_along_axis(merged_s, part, axis=1)
-            best_i = np.take_along_axis(merged_i, part, axis=1)
+                pairs = [(row, c - c_start) for row, q in enumerate(range(q_start, q_end))
+                         for c in exclude[q] if c_start <= c < c_end]
+                if pairs:
+                    rows, cols = zip(*pairs, strict=True)
+                    scores[list(rows), list(cols)] = -torch.inf
+            block_s, block_i = torch.topk(scores, min(k, c_end - c_start), dim=1)
+            merged_s = torch.cat([best_s, block_s], dim=1)
+            merged_i = torch.cat([best_i, block_i + c_start], dim=1)
+            best_s, pos = torch.topk(merged_s, k, dim=1)
+            best_i = torch.gather(merged_i, 1, pos)
+        best_s, best_i = best_s.numpy(), best_i.numpy()
         # Best first; ties broken by corpus index so that outputs are deterministic.
         order = np.lexsort((best_i, -best_s), axis=1)
         best_s = np.take_along_axis(best_s, order, axis=1)
@@ -62,7 +68,6 @@ def search(
         top_scores[q_start:q_end] = best_s
         top_indices[q_start:q_end] = best_i
     return top_scores, top_indices
-
 
 
 Run = dict[str, dict[str, float]]
@@ -78,6 +83,6 @@ def retrieve(
     """Top-k retrieval as a TREC-style run: {query_id: {corpus_id: score}}."""
     scores, indices = search(query_embeddings, corpus_embeddings, k)
     run: Run = {}
-    for qid, row_scores, row_indices in zip(query_ids, scores, indices):
-        run[qid] = {corpus_ids[i]: float(s) for s, i in zip(row_scores, row_indices) if i >= 0}
+    for qid, row_scores, row_indices in zip(query_ids, scores, indices, strict=True):
+        run[qid] = {corpus_ids[i]: float(s) for s, i in zip(row_scores, row_indices, strict=True) if i >= 0}
     return run
