@@ -54,11 +54,12 @@ class _PaddedEncoder:
     max_seq_length: int
     dimension: int
 
-    def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
-        """Token ids with special tokens; truncated to max_seq_length unless `truncate` is False."""
+    def tokenize(self, texts: list[str], max_length: int | None = -1) -> list[list[int]]:
+        """Token ids with special tokens, truncated to max_length (-1: max_seq_length; None: not truncated)."""
         if not texts:
             return []
-        kwargs = {"truncation": True, "max_length": self.max_seq_length} if truncate else {"truncation": False}
+        max_length = self.max_seq_length if max_length == -1 else max_length
+        kwargs = {"truncation": True, "max_length": max_length} if max_length else {"truncation": False}
         enc = self.tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False,
                              return_token_type_ids=False, verbose=False, **kwargs)
         return enc["input_ids"]
