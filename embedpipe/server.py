@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
+import subprocess
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -321,3 +325,79 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+# --- running the server as a subprocess (deploy_check, tests, benchmarks) ---------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python stages/serve.py ARGS` on a free loopback port: started, waited for, always stopped (SIGTERM)."""
+
+    def __init__(self, args: list[str], cwd: str | None = None, env: dict[str, str] | None = None,
+                 startup_timeout_s: float = 120.0, port: int | None = None):
+        import tempfile
+
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.cmd = [sys.executable, "stages/serve.py", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.cwd, self.env, self.startup_timeout_s = cwd, env, startup_timeout_s
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="embedpipe-serve-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()[-chars:]
+
+    def start(self) -> ServerProcess:
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.proc.returncode} before it was ready:\n"
+                                   f"{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"server not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within timeout_s; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self if self.proc is not None else self.start()
+
+    def close(self) -> int | None:
+        """Stop the server and delete its log; returns its exit code."""
+        rc = self.stop()
+        self.log.close()
+        if os.path.exists(self.log.name):
+            os.unlink(self.log.name)
+        return rc
+
+    def __exit__(self, *exc) -> None:
+        self.close()

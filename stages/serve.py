@@ -11,6 +11,7 @@ with `extra_body={"input_type": "query"}` for queries.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def main(params_path, model_dir, backend, variant, device, torch_model, model_na
         warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
     console.print(f"serving '{settings.model_name}' ({backend} {encoder.variant}, {encoder.device}) on "
                   f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting 0 then tells supervisors it was clean.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(create_app(encoder, settings), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=10)
 
