@@ -82,11 +82,14 @@ def main(model: str, n_requests: int, concurrency: str, backends: str) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     texts = load_texts(n_requests)
     st = load_model(model, device="cpu")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        run(model, st, Path(tmp), texts, levels, [b.strip() for b in backends.split(",")])
+
+
+def run(model: str, st, tmp: Path, texts: list[str], levels: list[int], chosen: list[str]) -> None:
     export_onnx(st, tmp, "bench", "", "")
     quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    chosen = [b.strip() for b in backends.split(",")]
     runs = {
         "onnx fp32": (["--model-dir", str(tmp), "--variant", "fp32"], OnnxEncoder(tmp, "fp32").encode),
         "onnx int8": (["--model-dir", str(tmp), "--variant", "int8"], OnnxEncoder(tmp, "int8").encode),

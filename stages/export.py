@@ -92,8 +92,10 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         raise click.ClickException(str(e)) from None
     query_prompt, passage_prompt = model_prompts(model, mcfg.get("query_prompt", ""), mcfg.get("passage_prompt", ""))
     name = cfg.get("model_name") or Path(source).name
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "embedpipe.json").is_file():
+            raise click.ClickException(f"{out} exists and is not an earlier export: refusing to overwrite it")
+        shutil.rmtree(out)  # a stale variant must not survive a new export
 
     with console.status("exporting to ONNX"):
         _, export_s = timed(lambda: export_onnx(model, out, name, query_prompt, passage_prompt, int(cfg["opset"])))
