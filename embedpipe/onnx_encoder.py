@@ -1,0 +1,157 @@
+"""Encode text with an exported `models/onnx/` folder: tokenizer + onnxruntime session, no torch needed.
+
+`OnnxEncoder.encode(texts, prompt)` has the same meaning as `embedpipe.models.encode`: the prompt is
+prefixed, inputs are truncated to the model's max_seq_length, and rows come back L2-normalised float32.
+The graph itself does pooling and normalisation (see `embedpipe.onnx_export`), so this file only pads.
+`TorchEncoder` offers the same interface over a SentenceTransformer, so the server and the benchmarks can
+swap backends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VARIANTS = {"fp32": "model.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
+CONFIG_FILE = "embedpipe.json"
+
+
+class ExportNotFound(FileNotFoundError):
+    """The ONNX folder or the requested variant does not exist; the message says how to make it."""
+
+
+def read_export_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ExportNotFound(f"{path} not found: run the export stage first (`dvc repro export`)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def providers_for(device: str) -> list[Any]:
+    """onnxruntime providers for `cpu`, `cuda` or `tensorrt`, each falling back to the CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = {"cpu": [], "cuda": ["CUDAExecutionProvider"], "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}
+    if device not in wanted:
+        raise ValueError(f"unknown device '{device}' (cpu | cuda | tensorrt)")
+    missing = [p for p in wanted[device] if p not in available]
+    if missing:
+        raise RuntimeError(
+            f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(available)}); "
+            "install onnxruntime-gpu on a CUDA machine, or use device cpu"
+        )
+    return [*wanted[device], "CPUExecutionProvider"]
+
+
+class _PaddedEncoder:
+    """Shared batching: sort by length (less padding), pad, run, restore order."""
+
+    tokenizer: Any
+    max_seq_length: int
+    dimension: int
+
+    def tokenize(self, texts: list[str], max_length: int | None = -1) -> list[list[int]]:
+        """Token ids with special tokens, truncated to max_length (-1: max_seq_length; None: not truncated)."""
+        if not texts:
+            return []
+        max_length = self.max_seq_length if max_length == -1 else max_length
+        kwargs = {"truncation": True, "max_length": max_length} if max_length else {"truncation": False}
+        enc = self.tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False,
+                             return_token_type_ids=False, verbose=False, **kwargs)
+        return enc["input_ids"]
+
+    def encode(self, texts: list[str], prompt: str = "", batch_size: int = 32) -> np.ndarray:
+        """L2-normalised float32 rows, one per text (prompt prefixed, truncated to max_seq_length)."""
+        return self.encode_ids(self.tokenize([prompt + t for t in texts]), batch_size)
+
+    def encode_ids(self, ids: list[list[int]], batch_size: int = 32) -> np.ndarray:
+        out = np.zeros((len(ids), self.dimension), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in rows)
+            input_ids = np.full((len(rows), width), pad, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                input_ids[r, : len(ids[i])] = ids[i]
+                mask[r, : len(ids[i])] = 1
+            out[rows] = self._run(input_ids, mask)
+        return out
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OnnxEncoder(_PaddedEncoder):
+    """An exported model folder run by onnxruntime (variant fp32 | int8 | fp16; device cpu | cuda | tensorrt)."""
+
+    def __init__(self, folder: str | Path, variant: str = "fp32", device: str = "cpu", threads: int = 0,
+                 provider_options: dict[str, Any] | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        self.config = read_export_config(folder)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant '{variant}' ({' | '.join(VARIANTS)})")
+        path = folder / VARIANTS[variant]
+        if not path.is_file():
+            raise ExportNotFound(f"{path} not found (the export stage writes it only when it passes its parity check)")
+        self.name = self.config.get("name", folder.name)
+        self.variant, self.device = variant, device
+        self.max_seq_length = int(self.config["max_seq_length"])
+        self.dimension = int(self.config["dimension"])
+        self.query_prompt = self.config.get("query_prompt", "")
+        self.passage_prompt = self.config.get("passage_prompt", "")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting between runs: the idle pool would otherwise steal the cores the server's event loop
+        # (tokenising, JSON) and other processes need; costs nothing measurable on batched work.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        providers = providers_for(device)
+        if provider_options and providers[0] != "CPUExecutionProvider":
+            providers[0] = (providers[0], provider_options)
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        (emb,) = self.session.run(["sentence_embedding"], feeds)
+        return emb.astype(np.float32, copy=False)
+
+
+class TorchEncoder(_PaddedEncoder):
+    """A SentenceTransformer behind the same interface (the server's `torch` backend and the reference)."""
+
+    def __init__(self, model: Any, name: str, query_prompt: str = "", passage_prompt: str = ""):
+        self.model = model
+        self.name, self.variant, self.device = name, "torch", str(model.device)
+        self.tokenizer = model.tokenizer
+        self.max_seq_length = int(model.max_seq_length)
+        self.dimension = int(model.get_embedding_dimension())
+        self.query_prompt, self.passage_prompt = query_prompt, passage_prompt
+        self.config = {"name": name, "max_seq_length": self.max_seq_length, "dimension": self.dimension,
+                       "query_prompt": query_prompt, "passage_prompt": passage_prompt}
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        features: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids).to(self.model.device),
+                                    "attention_mask": torch.from_numpy(attention_mask).to(self.model.device),
+                                    "modality": "text"}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        with torch.inference_mode():
+            emb = self.model(features)["sentence_embedding"]
+        return F.normalize(emb.float(), dim=-1).cpu().numpy()

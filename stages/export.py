@@ -1,0 +1,196 @@
+"""Stage `export`: models/finetuned -> models/onnx (fp32 + int8 + fp16 ONNX, TensorRT on GPU, Triton repo).
+
+Every variant is checked against the PyTorch model on the test set (cosine per text, and the retrieval
+metrics through the same code as the eval stage); the fp32 graph failing its check fails the stage, a
+quantised variant failing its check is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from embedpipe.console import alert, console, summary, warn
+from embedpipe.io import FormatError, load_beir, load_corpus, passage_text, write_json
+from embedpipe.metrics import evaluate
+from embedpipe.models import ModelNotAvailable, encode, load_model
+from embedpipe.onnx_encoder import VARIANTS, OnnxEncoder
+from embedpipe.onnx_export import (
+    build_trt_plan,
+    convert_fp16,
+    cosine_parity,
+    export_onnx,
+    file_mb,
+    input_names,
+    metric_drift,
+    model_prompts,
+    quantize_int8,
+    tensorrt_provider_options,
+    tensorrt_status,
+    timed,
+    write_triton_repo,
+)
+from embedpipe.params import load_params, section
+from embedpipe.retrieval import retrieve
+
+
+def load_texts(eval_dir: Path, fallback_corpus: Path, query_prompt: str, passage_prompt: str) -> dict[str, Any]:
+    """The test set (for cosine AND retrieval parity) or, without one, any passages (cosine only)."""
+    try:
+        corpus, queries, qrels = load_beir(eval_dir)
+        return {"source": str(eval_dir), "corpus_ids": list(corpus), "query_ids": list(queries), "qrels": qrels,
+                "passages": [passage_text(r) for r in corpus.values()],
+                "queries": [q["text"] for q in queries.values()]}
+    except FormatError as e:
+        warn(f"no usable test set ({e}); checking cosine parity on {fallback_corpus} only, no retrieval metrics")
+    if not fallback_corpus.is_file():
+        raise click.ClickException(f"no texts to check parity on: neither {eval_dir} nor {fallback_corpus} exists")
+    corpus = load_corpus(fallback_corpus)
+    return {"source": str(fallback_corpus), "corpus_ids": list(corpus), "query_ids": [], "qrels": None,
+            "passages": [passage_text(r) for r in corpus.values()], "queries": []}
+
+
+def run_encoder(fn, data: dict[str, Any], query_prompt: str, passage_prompt: str) -> tuple[np.ndarray, float, dict]:
+    """Encode passages + queries with fn(texts, prompt); return (all rows, seconds, retrieval metrics or {})."""
+    (p, q), seconds = timed(lambda: (fn(data["passages"], passage_prompt), fn(data["queries"], query_prompt)))
+    metrics = {}
+    if data["qrels"]:
+        metrics = evaluate(data["qrels"], retrieve(q, p, data["query_ids"], data["corpus_ids"], k=100))
+    return np.concatenate([p, q]), seconds, metrics
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@click.option("--model-in", default=None, help="Model folder or name to export (overrides export.input).")
+@click.option("--out", "out_dir", default=None, help="Output folder (overrides export.out_dir).")
+@click.option("--eval-dir", default=None, help="BEIR test set for the parity check (overrides export.eval_dir).")
+@click.option("--metrics", "metrics_path", default="metrics/export.json", show_default=True)
+def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: str | None, metrics_path: str) -> None:
+    """Export the fine-tuned model to ONNX (one graph: token ids -> normalised embedding) and check parity.
+
+    Writes OUT/model.onnx, OUT/model_int8.onnx and OUT/model_fp16.onnx (each kept only when its check
+    passes), the tokenizer, OUT/embedpipe.json (prompts, max length, dimension, name), OUT/triton/ (a Triton
+    model repository) and, on a GPU with TensorRT, an engine. Fails when the fp32 graph does not match.
+    """
+    started = time.time()
+    params = load_params(params_path)
+    cfg, mcfg = section(params, "export"), section(params, "model")
+    source = model_in or cfg["input"]
+    out = Path(out_dir or cfg["out_dir"])
+    try:
+        model = load_model(source, device="cpu", max_seq_length=mcfg["max_seq_length"])
+    except ModelNotAvailable as e:
+        raise click.ClickException(str(e)) from None
+    query_prompt, passage_prompt = model_prompts(model, mcfg.get("query_prompt", ""), mcfg.get("passage_prompt", ""))
+    name = cfg.get("model_name") or Path(source).name
+    if out.exists() and any(out.iterdir()):
+        if not (out / "embedpipe.json").is_file():
+            raise click.ClickException(f"{out} exists and is not an earlier export: refusing to overwrite it")
+        shutil.rmtree(out)  # a stale variant must not survive a new export
+
+    with console.status("exporting to ONNX"):
+        _, export_s = timed(lambda: export_onnx(model, out, name, query_prompt, passage_prompt, int(cfg["opset"])))
+    names = input_names(model)
+    data = load_texts(Path(eval_dir or cfg["eval_dir"]), Path(cfg["fallback_corpus"]), query_prompt, passage_prompt)
+    n_texts = len(data["passages"]) + len(data["queries"])
+    if n_texts < int(cfg["min_parity_texts"]):
+        warn(f"parity is checked on only {n_texts} texts (< {cfg['min_parity_texts']}): a larger test set is safer")
+
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's "consider pre-processing" advice
+    variants = ["fp32"] + [v for v in ("int8", "fp16") if cfg.get(v)]
+    if cfg.get("int8"):
+        quantize_int8(out / VARIANTS["fp32"], out / VARIANTS["int8"])
+    if cfg.get("fp16"):
+        convert_fp16(out / VARIANTS["fp32"], out / VARIANTS["fp16"])
+    trt_reason = tensorrt_status() if cfg["tensorrt"]["enabled"] else "disabled in params (export.tensorrt.enabled)"
+    if trt_reason is None:
+        variants.append("tensorrt")
+    else:
+        console.print(f"TensorRT: skipped ({trt_reason})")
+
+    threads = int(cfg.get("threads", 0))
+    ref, torch_s, ref_metrics = run_encoder(lambda t, p: encode(model, t, p), data, query_prompt, passage_prompt)
+    report: dict[str, Any] = {"torch": {"seconds": round(torch_s, 3), "texts_per_s": round(n_texts / torch_s, 1),
+                                        "metrics": ref_metrics}}
+    tol, cos_min = float(cfg["metric_tolerance"]), float(cfg["cosine_min"])
+    for variant in tqdm(variants, desc="parity", unit="variant", disable=None):
+        if variant == "tensorrt":
+            opts = tensorrt_provider_options(out / "trt_cache", names, int(cfg["tensorrt"]["max_batch"]),
+                                             model.max_seq_length, bool(cfg["tensorrt"]["fp16"]))
+            encoder = OnnxEncoder(out, "fp32", device="tensorrt", provider_options=opts)
+            path = out / VARIANTS["fp32"]
+        else:
+            device = "cuda" if variant == "fp16" and cfg.get("fp16_device") == "cuda" else "cpu"
+            try:
+                encoder = OnnxEncoder(out, variant, device=device, threads=threads)
+            except Exception as e:  # e.g. fp16 kernels missing on this CPU build
+                warn(f"{variant}: cannot run here ({type(e).__name__}: {e}); kept unchecked")
+                report[variant] = {"file_mb": file_mb(out / VARIANTS[variant]), "checked": False}
+                continue
+            path = out / VARIANTS[variant]
+        encoder.encode(data["passages"][:2])  # warm-up (TensorRT builds its engine here)
+        emb, seconds, metrics = run_encoder(encoder.encode, data, query_prompt, passage_prompt)
+        entry = {"file_mb": file_mb(path), **cosine_parity(ref, emb), "speed_vs_torch": round(torch_s / seconds, 2),
+                 "texts_per_s": round(n_texts / seconds, 1), "metrics": metrics}
+        if metrics:
+            entry["metric_max_drift"] = metric_drift(ref_metrics, metrics)
+            ok = entry["metric_max_drift"] <= tol and (variant != "fp32" or entry["cosine_min"] >= cos_min)
+        else:
+            ok = entry["cosine_min"] >= (cos_min if variant == "fp32" else float(cfg["quantized_cosine_min"]))
+        entry["passed"] = bool(ok)
+        report[variant] = entry
+        if not ok and variant in ("int8", "fp16"):
+            warn(f"{variant} failed its parity check (see metrics): dropped")
+            (out / VARIANTS[variant]).unlink()
+    if report.get("tensorrt", {}).get("passed") and shutil.which("trtexec"):
+        plan = build_trt_plan(out / VARIANTS["fp32"], out / "model.plan", names, int(cfg["tensorrt"]["max_batch"]),
+                              model.max_seq_length, bool(cfg["tensorrt"]["fp16"]), bool(cfg["tensorrt"]["fp8"]))
+        report["tensorrt"]["plan_mb"] = file_mb(plan)
+    elif trt_reason is not None:
+        report["tensorrt"] = {"skipped": trt_reason}
+
+    triton_name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    triton = write_triton_repo(out / VARIANTS["fp32"], out / "triton", triton_name, names,
+                               model.get_embedding_dimension(), int(cfg["triton"]["max_batch"]),
+                               int(cfg["triton"]["queue_delay_us"]))
+    result = {"model_name": name, "source": source, "opset": int(cfg["opset"]), "export_s": round(export_s, 2),
+              "max_seq_length": model.max_seq_length, "dimension": model.get_embedding_dimension(),
+              "parity_texts": n_texts, "parity_source": data["source"], "cosine_min_required": cos_min,
+              "metric_tolerance": tol, "variants": report, "triton_repo": str(triton),
+              "wall_time_s": round(time.time() - started, 2)}
+    write_json(metrics_path, result)
+
+    rows: dict[str, Any] = {"model": name, "texts checked": n_texts, "torch texts/s": report["torch"]["texts_per_s"],
+                             "variant": "verdict: size, cosine min, metric drift @5+, speed vs torch"}
+    for variant, entry in report.items():
+        if variant == "torch":
+            continue
+        if "skipped" in entry:
+            rows[variant] = f"skipped: {entry['skipped']}"
+        elif not entry.get("checked", True):
+            rows[variant] = f"{entry['file_mb']} MB, not checked here"
+        else:
+            drift = f", metric drift {entry['metric_max_drift']:.4f}" if "metric_max_drift" in entry else ""
+            verdict = "kept" if entry["passed"] else "FAILED"
+            rows[variant] = (f"{verdict}: {entry['file_mb']} MB, cos min {entry['cosine_min']:.5f}{drift}, "
+                             f"{entry['speed_vs_torch']}x")
+    rows["triton repo"] = str(triton)
+    rows["wall time s"] = result["wall_time_s"]
+    summary("export", rows)
+    if not report["fp32"]["passed"]:
+        alert(f"ONNX fp32 does not match PyTorch (cosine min {report['fp32']['cosine_min']}, required {cos_min}; "
+              f"metric drift {report['fp32'].get('metric_max_drift')}, allowed {tol})")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""`make serve`: an OpenAI/NIM-compatible embeddings server for models/onnx (or a PyTorch model).
+
+    python stages/serve.py                       # models/onnx, onnxruntime, params serve.variant
+    python stages/serve.py --variant int8 --port 9000
+    python stages/serve.py --backend torch --torch-model models/finetuned
+
+Then: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").embeddings.create(model=NAME, input=[...])`,
+with `extra_body={"input_type": "query"}` for queries.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from embedpipe.console import console, warn
+from embedpipe.params import load_params, section
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
+@click.option("--model-dir", default=None, help="Exported folder (overrides serve.model_dir).")
+@click.option("--backend", type=click.Choice(["onnx", "torch"]), default=None, help="Overrides serve.backend.")
+@click.option("--variant", type=click.Choice(["fp32", "int8", "fp16"]), default=None,
+              help="ONNX variant (overrides serve.variant).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+              help="onnxruntime provider, or torch device (overrides serve.device).")
+@click.option("--torch-model", default=None, help="Torch backend: model folder or name (overrides serve.torch_model).")
+@click.option("--model-name", default=None, help="Name to answer to (default: the export's name).")
+@click.option("--host", default=None, help="Bind address (overrides serve.host; default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (overrides serve.port).")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (0 = all cores).")
+@click.option("--max-batch-size", type=int, default=None, help="Inputs per model call (overrides serve.max_batch_size).")
+@click.option("--max-wait-ms", type=float, default=None, help="Batching wait (overrides serve.max_wait_ms).")
+@click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
+def main(params_path, model_dir, backend, variant, device, torch_model, model_name, host, port, threads,
+         max_batch_size, max_wait_ms, log_level) -> None:
+    """Serve POST /v1/embeddings (OpenAI + NIM fields), /v1/models, /v1/health/{live,ready} and /metrics.
+
+    Requests without input_type get serve.default_input_type's prompt; truncate defaults to
+    serve.default_truncate. Stops cleanly on SIGTERM / Ctrl-C.
+    """
+    import uvicorn
+
+    from embedpipe.onnx_encoder import ExportNotFound, OnnxEncoder, TorchEncoder, read_export_config
+    from embedpipe.server import ServerSettings, create_app
+
+    params = load_params(params_path)
+    cfg, mcfg = section(params, "serve"), section(params, "model")
+    backend = backend or cfg["backend"]
+    device = device or cfg["device"]
+    folder = Path(model_dir or cfg["model_dir"])
+    try:
+        if backend == "onnx":
+            if device == "auto":
+                import onnxruntime as ort
+
+                device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+            encoder = OnnxEncoder(folder, variant or cfg["variant"], device,
+                                  threads=cfg["threads"] if threads is None else threads)
+        else:
+            from embedpipe.models import ModelNotAvailable, load_model
+            from embedpipe.onnx_export import model_prompts
+
+            source = torch_model or cfg["torch_model"]
+            try:
+                model = load_model(source, device=device, max_seq_length=mcfg["max_seq_length"])
+            except ModelNotAvailable as e:
+                raise click.ClickException(str(e)) from None
+            exported = read_export_config(folder) if (folder / "embedpipe.json").is_file() else {}
+            query, passage = model_prompts(model, mcfg.get("query_prompt", ""), mcfg.get("passage_prompt", ""))
+            encoder = TorchEncoder(model, exported.get("name", Path(source).name), query, passage)
+    except (ExportNotFound, RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+    api_key = None
+    if cfg.get("api_key_env"):
+        api_key = os.environ.get(cfg["api_key_env"])
+        if not api_key:
+            raise click.ClickException(f"serve.api_key_env is '{cfg['api_key_env']}' but that variable is not set "
+                                       "(set it, or set serve.api_key_env to '' for no key)")
+    settings = ServerSettings(
+        model_name=model_name or cfg.get("model_name") or encoder.name,
+        max_batch_size=max_batch_size or cfg["max_batch_size"],
+        max_wait_ms=cfg["max_wait_ms"] if max_wait_ms is None else max_wait_ms,
+        max_inputs_per_request=cfg["max_inputs_per_request"],
+        max_tokens_per_input=cfg["max_tokens_per_input"],
+        max_payload_bytes=int(cfg["max_payload_mb"] * 2**20),
+        default_input_type=cfg["default_input_type"],
+        default_truncate=cfg["default_truncate"],
+        encode_batch_size=cfg["encode_batch_size"],
+        api_key=api_key,
+    )
+    host = host or cfg["host"]
+    port = port or cfg["port"]
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
+    console.print(f"serving '{settings.model_name}' ({backend} {encoder.variant}, {encoder.device}) on "
+                  f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting 0 then tells supervisors it was clean.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    uvicorn.run(create_app(encoder, settings), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The embeddings server as a real subprocess, called over loopback HTTP with the openai client and httpx."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from embedpipe.models import encode
+from embedpipe.server import ServerProcess
+from tests.serve_helpers import API_KEY, API_KEY_ENV, PASSAGE_PROMPT, QUERY_PROMPT, make_session_export
+
+TEXTS = ["How do I reset the grinder?", "Descale the boiler every three months.", "Warranty: two years."]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_corpus_path):
+    return make_session_export(tmp_path_factory.mktemp("export"), tiny_corpus_path)
+
+
+@pytest.fixture(scope="module")
+def server(exported, repo_root):
+    from conftest import stage_env
+
+    env = stage_env() | {API_KEY_ENV: API_KEY}
+    proc = ServerProcess(["--params", str(exported / "params.yaml"), "--log-level", "info"],
+                         cwd=str(repo_root), env=env)
+    with proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+
+
+def post(server, body, key: str | None = API_KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (bytes, str)):
+        headers["Content-Type"] = "application/json"
+        return httpx.post(f"{server.base_url}/embeddings", content=body, headers=headers, timeout=60, **kwargs)
+    return httpx.post(f"{server.base_url}/embeddings", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def batch_stats(server) -> tuple[float, float]:
+    """(model calls, inputs) so far, from the Prometheus batch-size histogram."""
+    text = httpx.get(f"{server.base_url.removesuffix('/v1')}/metrics", timeout=10).text
+    count = float(re.search(r"^embed_batch_size_count (\S+)$", text, re.M).group(1))
+    total = float(re.search(r"^embed_batch_size_sum (\S+)$", text, re.M).group(1))
+    return count, total
+
+
+def test_openai_client_float_and_base64_equal_in_process(client, minilm):
+    passages = client.embeddings.create(model="test-embed", input=TEXTS)  # the client asks for base64
+    floats = client.embeddings.create(model="test-embed", input=TEXTS, encoding_format="float",
+                                      extra_body={"input_type": "query"})
+    got_p = np.array([d.embedding for d in passages.data], dtype=np.float32)
+    got_q = np.array([d.embedding for d in floats.data], dtype=np.float32)
+    assert [d.index for d in passages.data] == [0, 1, 2] and passages.model == "test-embed"
+    assert passages.usage.prompt_tokens == passages.usage.total_tokens > len(TEXTS)
+    np.testing.assert_allclose(got_p, encode(minilm, TEXTS, PASSAGE_PROMPT), atol=2e-5)  # default: passage
+    np.testing.assert_allclose(got_q, encode(minilm, TEXTS, QUERY_PROMPT), atol=2e-5)
+    assert np.abs(got_p - got_q).max() > 1e-3  # the prompts really differ
+
+
+def test_raw_base64_is_little_endian_float32_and_dimensions_renormalise(server, minilm):
+    body = post(server, {"input": TEXTS[0], "encoding_format": "base64", "dimensions": 64}).json()
+    vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    full = encode(minilm, TEXTS[:1], PASSAGE_PROMPT)[0][:64]
+    assert vec.shape == (64,) and abs(np.linalg.norm(vec) - 1) < 1e-5
+    np.testing.assert_allclose(vec, full / np.linalg.norm(full), atol=2e-5)
+
+
+LONG = "word " * 400
+BAD_REQUESTS = [
+    ("no key", {"input": "x"}, {"key": None}, 401, "invalid_api_key"),
+    ("wrong key", {"input": "x"}, {"key": "nope"}, 401, "invalid_api_key"),
+    ("unknown model", {"input": "x", "model": "gpt-4"}, {}, 404, "model_not_found"),
+    ("payload too large", {"input": ["y" * 1000] * 60}, {}, 413, "payload_too_large"),
+    ("token ids", {"input": [1, 2, 3]}, {}, 422, "invalid_value"),
+    ("bad input_type", {"input": "x", "input_type": "document"}, {}, 422, "invalid_value"),
+    ("bad encoding", {"input": "x", "encoding_format": "int8"}, {}, 422, "invalid_value"),
+    ("missing input", {"model": "test-embed"}, {}, 422, "invalid_value"),
+    ("invalid json", '{"input": ', {}, 400, "invalid_json"),
+    ("empty list", {"input": []}, {}, 400, "invalid_value"),
+    ("empty string", {"input": ["ok", " "]}, {}, 400, "invalid_value"),
+    ("too many inputs", {"input": ["x"] * 17}, {}, 400, "too_many_inputs"),
+    ("too long, truncate NONE", {"input": LONG, "truncate": "NONE"}, {}, 400, "context_length_exceeded"),
+    ("dimensions too large", {"input": "x", "dimensions": 385}, {}, 400, "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("body,opts,status,code", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(server, body, opts, status, code):
+    response = post(server, body, **opts)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code and error["message"]
+    assert post(server, {"input": "still serving"}).status_code == 200
+
+
+def test_unknown_route_and_method_get_error_bodies(server):
+    root = server.base_url.removesuffix("/v1")
+    assert httpx.get(f"{root}/nope", timeout=10).json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{server.base_url}/embeddings", headers={"Authorization": f"Bearer {API_KEY}"},
+                     timeout=10).json()["error"]["code"] == "method_not_allowed"
+
+
+def test_truncate_end_cuts_at_the_token_limit(server):
+    body = post(server, {"input": LONG, "truncate": "END"}).json()
+    assert len(body["data"][0]["embedding"]) == 384 and body["usage"]["total_tokens"] == 256
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["test-embed"]
+    assert httpx.get(f"{server.base_url}/health/live", timeout=10).status_code == 200
+    assert httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code == 200
+    text = httpx.get(f"{server.base_url.removesuffix('/v1')}/metrics", timeout=10).text
+    assert 'embed_requests_total{path="/v1/embeddings",status="200"}' in text
+    assert 'embed_errors_total{code="invalid_api_key"}' in text and "embed_request_latency_seconds_count" in text
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(server, client, minilm):
+    texts = [f"Question number {i}: how long does part {i} last?" for i in range(24)]
+    calls_before, inputs_before = batch_stats(server)
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda t: client.embeddings.create(model="test-embed", input=t), texts))
+    calls, inputs = (a - b for a, b in zip(batch_stats(server), (calls_before, inputs_before), strict=True))
+    got = np.array([r.data[0].embedding for r in results], dtype=np.float32)
+    np.testing.assert_allclose(got, encode(minilm, texts, PASSAGE_PROMPT), atol=2e-5)
+    assert inputs == 24 and calls < 24 / 2  # several requests shared each model call
+
+
+def test_sigterm_stops_cleanly(server):
+    assert server.proc.poll() is None
+    assert server.stop(timeout_s=20) == 0, server.log_tail()  # graceful: uvicorn finished, exit code 0
+    assert "Traceback" not in server.log_tail()
+
+
+def test_deploy_check_starts_and_stops_the_server(exported, repo_root):
+    from conftest import stage_env
+
+    result = subprocess.run([sys.executable, "stages/deploy_check.py", "--params", str(exported / "params.yaml"),
+                             "--smoke-only"], cwd=repo_root, env=stage_env() | {API_KEY_ENV: API_KEY},
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dimension 384" in result.stderr and re.search(r"server exit code\s*│\s*0", result.stderr)
+
+
+def test_deploy_check_without_export_is_a_clean_error(repo_root, tmp_path):
+    from conftest import stage_env
+
+    result = subprocess.run([sys.executable, "stages/deploy_check.py", "--model-dir", str(tmp_path)],
+                            cwd=repo_root, env=stage_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "run the export stage first" in result.stderr
+    assert "Traceback" not in result.stderr
