@@ -60,6 +60,8 @@ def plan_jobs(corpus: dict[str, dict], cfg: dict[str, Any]) -> list[dict[str, An
             if hops >= 2:
                 start = min(doc.index(pid), len(doc) - hops)
                 jobs.append({"segment_ids": doc[start : start + hops], "k": 0})
+    unique = {(tuple(j["segment_ids"]), j["k"]): j for j in jobs}  # neighbouring starts can give one group twice
+    jobs = list(unique.values())
     for job in jobs:
         key = sdg.stable_int(seed, *job["segment_ids"], job["k"])
         multi = len(job["segment_ids"]) > 1
@@ -186,7 +188,7 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
             if not base_url:
                 t0 = time.time()
                 try:
-                    path = model_file(llm_cfg["model"], Path(cache_dir).parent / "models")
+                    path = model_file(llm_cfg["model"], llm_cfg.get("models_dir") or "cache/models")
                     server = EmbeddedServer(path, alias=llm_cfg["model"], n_ctx=int(llm_cfg.get("n_ctx", 2048)),
                                             n_threads=int(llm_cfg.get("n_threads", 2)),
                                             log_path=Path(cache_dir) / "server.log")
