@@ -142,7 +142,7 @@ class EmbeddedServer:
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=3)  # uvicorn would otherwise finish the request in flight first
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -86,7 +86,7 @@ def _rotate(seq: Sequence[Any], n: int, key: int) -> list[Any]:
 
 
 # --- prompts ------------------------------------------------------------------------------------
-def completion_prompt(passages: list[str], key: int, n_shots: int = 3) -> str:
+def completion_prompt(passages: list[str], key: int, n_shots: int = 2) -> str:
     """Few-shot Passage/Question/Answer continuation; the model writes `<question>\\nAnswer: <answer>`."""
     if len(passages) == 1:
         parts = [f"Passage: {p}\nQuestion: {q}\nAnswer: {a}\n\n" for p, q, a in _rotate(SHOTS, n_shots, key)]

@@ -259,7 +259,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         # 6. LLM judge (LLM pairs only; inverse-cloze pairs have no answer to judge)
         jcfg = gates["judge"]
         judged = [n for n, c in enumerate(candidates) if c["generator"] != "inverse_cloze"]
-        if jcfg["enabled"] and client is not None and judged:
+        judge_on = (server is None) if jcfg["enabled"] == "auto" else bool(jcfg["enabled"])
+        if judge_on and client is not None and judged:
             keep = [True] * len(candidates)
             reasons = [""] * len(candidates)
             with tqdm(total=len(judged), desc="sdg judge", unit="req", disable=None) as bar:
