@@ -6,7 +6,7 @@
    against its own passage and against an unrelated passage of another document; we report the
    mean overall score of each and the AUC (0.5 = the judge cannot tell them apart).
 
-    python bench/bench_sdg.py --passages 6 --concurrency 1 2 4 --judge-check
+    python bench/bench_sdg.py --passages 6 --concurrency 1,2,4 --judge-check
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def auc(pos: list[float], neg: list[float]) -> float:
 @click.option("--corpus", default="data/chunks/corpus.jsonl", show_default=True)
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--passages", default=6, show_default=True, help="Passages in the slice (LLM jobs ~ 1.25x this).")
-@click.option("--concurrency", "levels", multiple=True, type=int, default=[1, 2, 4], show_default=True)
+@click.option("--concurrency", "levels_csv", default="1,2,4", show_default=True, help="Comma-separated levels.")
 @click.option("--judge-check", is_flag=True, help="Also measure whether the judge separates good from bad pairs.")
 @click.option("--pairs-dir", default=None, help="Judge check only, on the pairs of an existing run (e.g. data/sdg).")
-def main(corpus: str, params_path: str, passages: int, levels: tuple[int, ...], judge_check: bool,
+def main(corpus: str, params_path: str, passages: int, levels_csv: str, judge_check: bool,
          pairs_dir: str | None) -> None:
+    levels = [int(x) for x in levels_csv.split(",") if x.strip()]
     base = yaml.safe_load((REPO / params_path).read_text())
     params = {"model": base["model"], "sdg": base["sdg"]}
     params["sdg"]["max_passages"] = passages

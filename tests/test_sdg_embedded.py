@@ -36,7 +36,7 @@ def test_embedded_server_end_to_end(tmp_path, tiny_corpus_path):
     write_jsonl(corpus, read_jsonl(tiny_corpus_path)[:3])
     params = write_params(tmp_path / "params.yaml", REPO, **{
         "llm.base_url": "", "llm.models_dir": str(MODELS), "max_passages": 2, "questions_per_passage": 1,
-        "multi_hop_fraction": 0.0, "llm.max_tokens": 40, "gates.retrieval.top_k": 3})
+        "multi_hop_fraction": 0.0, "llm.max_tokens": 40, "gates.retrieval.top_k": 3, "gates.judge.enabled": True})
     cmd = [sys.executable, str(REPO / "stages/sdg.py"), "--params", str(params), "--corpus", str(corpus),
            "--out", str(tmp_path / "sdg"), "--metrics", str(tmp_path / "sdg.json"), "--cache-dir", str(tmp_path / "c")]
     done = subprocess.run(cmd, env=stage_env(), capture_output=True, text=True, timeout=300)
