@@ -1,0 +1,130 @@
+"""The whole pipeline through real `dvc repro` on a tiny corpus: outputs, incrementality, sharing.
+
+One module-scoped run (a few minutes) feeds every test here. It runs in a scratch git+DVC repository
+holding a copy of this project's pipeline code, so the real repository's outputs are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import REPO_ROOT
+
+# Small everywhere: a handful of documents, LLM-free questions, two training steps.
+TINY_OVERRIDES: dict[str, Any] = {
+    "chunk": {"docs_dir": "docs", "target_tokens": 48, "overlap_tokens": 0, "min_tokens": 16},
+    "sdg": {"llm": {"enabled": False}, "gates": {"retrieval": {"top_k": 10}}},
+    "prep": {"val_min": 3, "cache_dir": ""},
+    "finetune": {"max_steps": 2, "cpu": {"max_seq_length": 64, "passages_per_query": 2, "epochs": 1}},
+    "export": {"fp16": False, "min_parity_texts": 10},
+}
+PIPELINE = ["chunk", "sdg", "prep", "finetune", "eval", "export", "deploy_check", "report"]
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def sh(args: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(cwd))
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, tiny_docs_dir: Path) -> Path:
+    """A scratch copy of the project that has run `dvc repro` once and committed the results."""
+    root = tmp_path_factory.mktemp("pipeline") / "project"
+    root.mkdir()
+    for name in ("stages", "embedpipe"):
+        shutil.copytree(REPO_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(tiny_docs_dir, root / "docs")
+    shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO_ROOT / ".gitignore", root / ".gitignore")
+    params = deep_merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "ci@example.com"], root)
+    sh(["git", "config", "user.name", "CI"], root)
+    sh(["dvc", "init", "-q"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "pipeline"], root)
+    result = sh(["dvc", "repro"], root, timeout=900)
+    (root / "repro1.log").write_text(result.stdout + result.stderr)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "first run"], root)
+    return root
+
+
+def test_every_stage_ran_and_wrote_its_outputs(project: Path):
+    for path in ("data/chunks/corpus.jsonl", "data/sdg/qa.jsonl", "data/prep/train.jsonl",
+                 "data/prep/eval/qrels/test.tsv", "models/finetuned/config.json", "models/onnx/model.onnx",
+                 "metrics/report.md"):
+        assert (project / path).exists(), path
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(PIPELINE) <= set(lock["stages"])
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert {"base", "finetuned", "delta"} <= set(evaluation)
+    assert 0 <= evaluation["finetuned"]["ndcg@10"] <= 1
+    assert json.loads((project / "metrics/serve_eval.json").read_text())["passed"] is True
+    report = (project / "metrics/report.md").read_text()
+    assert "ndcg@10" in report and "Deployed endpoint check" in report
+
+
+def test_second_repro_does_nothing(project: Path):
+    result = sh(["dvc", "repro"], project)
+    assert "Running stage" not in result.stdout + result.stderr
+    assert sh(["dvc", "status", "--json"], project).stdout.strip() in ("{}", "")
+
+
+def test_changing_a_finetune_param_reruns_only_what_follows(project: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["learning_rate"] = 3e-5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        dry = sh(["dvc", "repro", "--dry"], project).stdout
+        would_run = [s for s in PIPELINE if f"Running stage '{s}'" in dry]
+        assert would_run[0] == "finetune" and "sdg" not in would_run and "prep" not in would_run
+        assert {"finetune", "eval", "export"} <= set(would_run)
+    finally:
+        sh(["git", "checkout", "params.yaml"], project)
+
+
+def test_metrics_compare_across_commits(project: Path):
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], project).stdout)
+    flat = json.dumps(shown)
+    assert "ndcg@10" in flat and "finetuned" in flat
+    diff = sh(["dvc", "metrics", "diff", "HEAD~1", "--md"], project).stdout
+    assert "eval.json" in diff and "ndcg@10" in diff
+
+
+def test_push_then_pull_into_a_fresh_clone(project: Path, tmp_path: Path):
+    remote = tmp_path / "remote"
+    sh(["dvc", "remote", "add", "-f", "-d", "scratch", str(remote)], project)
+    sh(["dvc", "push"], project)
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    sh(["dvc", "remote", "add", "-f", "-d", "scratch", str(remote)], clone)
+    sh(["dvc", "pull"], clone)
+    for path in ("data/prep/train.jsonl", "data/chunks/corpus.jsonl", "models/onnx/model.onnx",
+                 "models/finetuned/model.safetensors"):
+        assert file_hash(clone / path) == file_hash(project / path), path
+    assert sh(["dvc", "status"], clone).returncode == 0
