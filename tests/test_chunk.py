@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import stage_env
 
 from embedpipe.chunking import chunk_document, passage_id, token_counter
 from embedpipe.documents import Document, DocumentsError, discover, read_document
 from embedpipe.models import ModelNotAvailable, load_model, resolve_model
-
-from .conftest import stage_env
 
 
 def run_chunk(repo_root: Path, docs: Path, out: Path, extra_params: str = "") -> subprocess.CompletedProcess:
