@@ -44,6 +44,27 @@ def comparison_rows(eval_metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
+def pipeline_headline(folder: Path) -> dict[str, Any]:
+    """The few figures a user looks at first, from whichever stages have run."""
+    def get(name: str, key: str) -> Any:
+        path = folder / name
+        return read_json(path).get(key) if path.is_file() else None
+
+    rows = {
+        "passages": get("chunk.json", "passages"),
+        "QA pairs accepted": get("sdg.json", "accepted"),
+        "training examples": get("train.json", "examples"),
+        "fine-tuned model kept": get("train.json", "saved_model"),
+    }
+    variants = get("export.json", "variants") or {}
+    kept = [name for name, v in variants.items() if isinstance(v, dict) and v.get("passed")]
+    if variants:
+        fp32 = variants.get("fp32", {})
+        rows["export parity (fp32 cosine min)"] = fp32.get("cosine_min")
+        rows["ONNX variants kept"] = ", ".join(kept) or "none"
+    return {k: v for k, v in rows.items() if v is not None}
+
+
 def metrics_diff(rev: str) -> str:
     """`dvc metrics diff --md REV`, or a note when git/DVC cannot compare (first commit, no git)."""
     try:
@@ -64,7 +85,7 @@ def main(metrics_dir: str, plot: str, diff_rev: str, out: str) -> None:
     """Collect every stage's metrics into one Markdown report and print the headline figures."""
     folder = Path(metrics_dir)
     lines = ["# Embedding fine-tuning report", ""]
-    headline: dict[str, Any] = {}
+    headline = pipeline_headline(folder)
     for name, title, keys in SECTIONS:
         path = folder / name
         if not path.is_file():
@@ -81,8 +102,9 @@ def main(metrics_dir: str, plot: str, diff_rev: str, out: str) -> None:
         if Path(plot).is_file():
             lines += [f"![base vs fine-tuned]({Path(plot).resolve().relative_to(Path.cwd().resolve())})", ""]
         b, t = eval_metrics.get("base", {}), eval_metrics.get("finetuned", {})
-        if "ndcg@10" in b and "ndcg@10" in t:
-            headline["nDCG@10 base → fine-tuned"] = f"{b['ndcg@10']:.4f} → {t['ndcg@10']:.4f}"
+        for name in ("ndcg@10", "recall@10"):
+            if name in b and name in t:
+                headline[f"{name} base → fine-tuned"] = f"{b[name]:.4f} → {t[name]:.4f} ({t[name] - b[name]:+.4f})"
     serve_path = folder / "serve_eval.json"
     if serve_path.is_file():
         serve = read_json(serve_path)
