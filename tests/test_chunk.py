@@ -165,3 +165,24 @@ def test_unknown_model_fails_with_a_fix_it_message():
         load_model("no-such-org/no-such-model-xyz", device="cpu")
     message = str(info.value)
     assert "no-such-org/no-such-model-xyz" in message and "params.yaml" in message
+
+
+def test_pdf_text_is_read_and_a_broken_pdf_is_skipped(tmp_path: Path, counter):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.text(0.1, 0.8, "The HX-200 pump is rated at 10 bar.")
+    fig.text(0.1, 0.6, "Inspect the seal every 500 hours.")
+    fig.savefig(tmp_path / "spec-sheet.pdf")
+    plt.close(fig)
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+
+    doc = read_document(tmp_path / "spec-sheet.pdf", tmp_path, 10**6)
+    assert isinstance(doc, Document)
+    records = chunk_document(doc, counter)
+    assert "rated at 10 bar" in records[0]["text"] and "500 hours" in records[0]["text"]
+    skipped = read_document(tmp_path / "broken.pdf", tmp_path, 10**6)
+    assert not isinstance(skipped, Document) and "PDF" in skipped.reason
