@@ -78,7 +78,7 @@ def metrics_diff(rev: str) -> str:
 
 @click.command()
 @click.option("--metrics-dir", default="metrics", show_default=True, help="Folder of the stages' metrics JSON.")
-@click.option("--plot", default="data/eval/metrics.png", show_default=True, help="Eval plot to link.")
+@click.option("--plot", default="data/eval/eval_plot.png", show_default=True, help="Eval plot to link.")
 @click.option("--diff-rev", default="HEAD", show_default=True, help="Git revision for `dvc metrics diff`.")
 @click.option("--out", default="metrics/report.md", show_default=True)
 def main(metrics_dir: str, plot: str, diff_rev: str, out: str) -> None:
