@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def main(metrics_dir: str, plot: str, diff_rev: str, out: str) -> None:
         lines += ["## Retrieval quality on the held-out test set (base → fine-tuned)", ""]
         lines += comparison_rows(eval_metrics) + [""]
         if Path(plot).is_file():
-            lines += [f"![base vs fine-tuned]({Path(plot).resolve().relative_to(Path.cwd().resolve())})", ""]
+            lines += [f"![base vs fine-tuned]({os.path.relpath(plot, Path(out).parent)})", ""]
         b, t = eval_metrics.get("base", {}), eval_metrics.get("finetuned", {})
         for name in ("ndcg@10", "recall@10"):
             if name in b and name in t:
