@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -41,11 +40,11 @@ def minilm():
     return load_model("all-MiniLM-L6-v2", device="cpu")
 
 
-@pytest.fixture
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
+    from embedpipe.processes import free_port
+
+    return free_port()
 
 
 def stage_env() -> dict[str, str]:

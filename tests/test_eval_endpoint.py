@@ -9,6 +9,7 @@ from eval_helpers import EmbeddingsServer, make_tiny_beir, run_stage, write_para
 
 from embedpipe.evaluation import evaluate_embedder, model_embedder
 from embedpipe.io import load_beir, write_json
+from embedpipe.processes import free_port
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,7 @@ def work(tmp_path_factory, tiny_corpus_path, minilm):
 
 @pytest.fixture(scope="module")
 def server(minilm, tmp_path_factory):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with EmbeddingsServer(minilm, port) as srv:
+    with EmbeddingsServer(minilm, free_port()) as srv:
         yield srv
 
 
