@@ -40,7 +40,8 @@ def token_counter(model_location: str) -> TokenCounter:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_location)
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: counting a text longer than the model's limit is the point here, not an error
+    return lambda text: len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _units(doc: Document, count: TokenCounter, target_tokens: int) -> list[_Unit]:
@@ -50,14 +51,15 @@ def _units(doc: Document, count: TokenCounter, target_tokens: int) -> list[_Unit
         for para in section.paragraphs:
             paragraph += 1
             if is_code_block(para):
-                units.extend(_Unit(piece, n, paragraph, s_idx, code=True) for piece, n in _code_pieces(para, count, target_tokens))
+                pieces = _code_pieces(para, count, target_tokens)
+                units.extend(_Unit(piece, n, paragraph, s_idx, code=True) for piece, n in pieces)
                 continue
             for sentence in _SENTENCE_END.split(para):
                 n = count(sentence)
                 if n <= target_tokens:
                     units.append(_Unit(sentence, n, paragraph, s_idx))
                     continue
-                words = sentence.split()  # one over-long "sentence" (a table, a code block): cut by words
+                words = sentence.split()  # one over-long "sentence" (a run-on, a huge table row): cut by words
                 step = max(1, int(len(words) * target_tokens / n * 0.9))
                 for i in range(0, len(words), step):
                     piece = " ".join(words[i : i + step])

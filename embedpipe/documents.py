@@ -204,11 +204,19 @@ class _SectionBuilder:
             self.sections[-1].paragraphs.append(label if label.endswith(":") else label + ":")
 
 
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.DOTALL)
+
+
 def _parse_markdown(text: str, title: str) -> list[Section]:
     """Markdown (CommonMark + tables) through markdown-it-py's token stream: headings open sections,
     list items become "- " paragraphs, table rows "a | b", fenced and indented code become code."""
     from markdown_it import MarkdownIt
 
+    front = _FRONT_MATTER.match(text)
+    if front:  # YAML front matter is metadata, not text (and would parse as a rule and a heading)
+        text = text[front.end() :]
+        named = re.search(r"^title:\s*['\"]?(.+?)['\"]?\s*$", front.group(1), re.MULTILINE)
+        title = named.group(1) if named else title
     builder = _SectionBuilder(title)
     tokens = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"]).parse(text)
     heading_level = 0

@@ -292,19 +292,16 @@ def _block(node: nodes.Node, builder: Builder, depth: int) -> None:
         _blocks(node, builder, depth)
     elif isinstance(node, nodes.definition_list_item):
         term = " ".join(_inline(c) for c in node.children if isinstance(c, (nodes.term, nodes.classifier)))
-        builder.flush_label()
-        builder.label = f"{_squash(term)}: "
+        _set_label(builder, term)
         for child in node.children:
             if isinstance(child, nodes.definition):
                 _blocks(child, builder, depth)
     elif isinstance(node, nodes.field):
-        builder.flush_label()
         if _inline(node[1]).strip():  # `:orphan:` and the like say nothing
-            builder.label = f"{_squash(_inline(node[0]))}: "
+            _set_label(builder, _inline(node[0]))
             _blocks(node[1], builder, depth)
     elif isinstance(node, nodes.option_list_item):
-        builder.flush_label()
-        builder.label = f"{_squash(_inline(node[0]))}: "
+        _set_label(builder, _inline(node[0]))
         _blocks(node[1], builder, depth)
     elif isinstance(node, nodes.row):
         cells = [_squash(_inline(entry)) for entry in node.children]
@@ -316,10 +313,10 @@ def _block(node: nodes.Node, builder: Builder, depth: int) -> None:
     elif isinstance(node, nodes.Admonition) or isinstance(node, (nodes.topic, nodes.sidebar)):
         title = node[0] if node.children and isinstance(node[0], nodes.title) else None
         label = _inline(title) if title is not None else _ADMONITION_LABELS.get(node.tagname, node.tagname.title())
-        _labelled(node, f"{_squash(label)}: ", builder, depth)
+        _labelled(node, label, builder, depth)
     elif isinstance(node, nodes.container) and "embedpipe-label" in node["classes"]:
         if node.children:
-            _labelled(node, node["label"] + ": ", builder, depth)
+            _labelled(node, node["label"], builder, depth)
         else:
             builder.paragraph(node["label"] + ".")
     elif isinstance(node, nodes.attribution):
@@ -330,9 +327,19 @@ def _block(node: nodes.Node, builder: Builder, depth: int) -> None:
         _blocks(node, builder, depth)
 
 
-def _labelled(node: nodes.Element, label: str, builder: Builder, depth: int) -> None:
-    builder.flush_label()
+def _set_label(builder: Builder, text: str) -> str:
+    """Make "text: " the prefix of the next paragraph; inside a list item it follows the "- "."""
+    label = _squash(text).rstrip(":") + ": "
+    if builder.label == "- ":
+        label = "- " + label
+    else:
+        builder.flush_label()
     builder.label = label
+    return label
+
+
+def _labelled(node: nodes.Element, text: str, builder: Builder, depth: int) -> None:
+    label = _set_label(builder, text)
     for child in node.children:
         if not isinstance(child, nodes.title):
             _block(child, builder, depth)

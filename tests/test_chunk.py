@@ -258,8 +258,8 @@ def test_broken_rst_keeps_its_text_without_error_messages():
         assert noise not in text_out, noise
 
 
-def test_markdown_is_parsed_with_fenced_and_indented_code(tmp_path: Path):
-    doc = read_document(MARKUP / "guide.md", MARKUP, 10**6)
+def test_markdown_is_parsed_with_fenced_and_indented_code():
+    doc = read_document(MARKUP / "guide.md", MARKUP, 10**6)  # front matter is metadata: not text, not a heading
     assert [s.headings for s in doc.sections] == [["Kettle guide"], ["Kettle guide", "Install"]]
     assert _paragraphs(doc) == [
         "Intro with inline code, a link and bold text.",
