@@ -243,7 +243,7 @@ def _register(text: str) -> None:
 def _inline(node: nodes.Node) -> str:
     """Visible text of a node: inline children concatenated, block children separated by spaces."""
     if isinstance(node, nodes.Text):
-        return str(node)
+        return node.astext()  # resolves escapes: ``QuerySet``\s is "QuerySets"
     if isinstance(node, _INVISIBLE):
         return ""
     if isinstance(node, nodes.problematic):  # broken markup: its words without the stray markup characters
@@ -276,7 +276,7 @@ def _block(node: nodes.Node, builder: Builder, depth: int) -> None:
         return
     if isinstance(node, _INVISIBLE) or isinstance(node, (nodes.transition, nodes.Text)):
         if isinstance(node, nodes.Text) and node.strip():
-            builder.paragraph(str(node))
+            builder.paragraph(node.astext())
         return
     if isinstance(node, nodes.section):
         title = node[0] if node.children and isinstance(node[0], nodes.title) else None
