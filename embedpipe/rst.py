@@ -119,8 +119,9 @@ def visible_text(role_text: str, role_name: str = "") -> str:
     text = text.lstrip("!")
     if text.startswith("~"):
         text = text[1:].rsplit(".", 1)[-1]
-    if role_name.rsplit(":", 1)[-1] in ("ref", "doc") and not match:
-        text = text.rstrip("/").rsplit("/", 1)[-1].replace("-", " ").replace("_", " ")  # a label, not prose
+    if role_name.rsplit(":", 1)[-1] in ("ref", "doc") and not match:  # a label or a path, not prose
+        parts = [p for p in text.split("/") if p and p != "index"] or [text]
+        text = parts[-1].replace("-", " ").replace("_", " ")
     return text
 
 
