@@ -312,7 +312,7 @@ def _parse_plain(text: str, title: str) -> list[Section]:
 
 
 def _parse_html(text: str, title: str) -> list[Section]:
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, NavigableString
 
     soup = BeautifulSoup(text, "lxml")
     for tag in soup(["script", "style", "nav", "footer", "header", "noscript", "template", "aside"]):
@@ -321,7 +321,7 @@ def _parse_html(text: str, title: str) -> list[Section]:
     builder = _SectionBuilder(page_title or title)
     body = soup.body or soup
     for element in body.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "tr", "dt", "dd", "blockquote"]):
-        if element.find_parent(["li", "p", "pre", "tr", "blockquote"]) is not None:
+        if element.find_parent(["li", "p", "pre", "tr", "dt", "dd", "blockquote"]) is not None:
             continue  # its text is part of the enclosing block
         if element.name.startswith("h"):
             builder.heading(int(element.name[1]), element.get_text(" ", strip=True))
@@ -330,9 +330,12 @@ def _parse_html(text: str, title: str) -> list[Section]:
         elif element.name == "tr":
             cells = [c.get_text(" ", strip=True) for c in element.find_all(["th", "td"])]
             builder.paragraph(" | ".join(c for c in cells if c))
-        else:
+        else:  # a text block: its prose, then the code blocks inside it (code never joins prose)
             prefix = "- " if element.name == "li" else ""
-            builder.paragraph(prefix + element.get_text(" ", strip=True))
+            prose = (t for t in element.find_all(string=True) if type(t) is NavigableString and not t.find_parent("pre"))
+            builder.paragraph(prefix + " ".join(t.strip() for t in prose))
+            for pre in element.find_all("pre"):
+                builder.code(pre.get_text())
     return builder.sections
 
 

@@ -280,6 +280,9 @@ def test_html_pre_follows_the_code_convention():
         "Call grind() to start.",
         "```\ndef grind(setting):\n    if setting > 40:\n        raise ValueError(setting)\n```",
         "After the code.",
+        "stop()",
+        "Stops the grinder.",  # once: the <p> inside the <dd> is not read a second time
+        "```\ngrinder.stop()\n```",
     ]
 
 
