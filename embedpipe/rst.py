@@ -54,19 +54,22 @@ DROPPED = {
     "toctree", "index", "highlight", "currentmodule", "module", "program", "tabularcolumns",
     "include", "raw", "literalinclude", "sectionauthor", "moduleauthor", "codeauthor", "testsetup",
     "testcleanup", "default-domain", "setting", "templatetag", "templatefilter", "fieldlookup",
-    "autosummary", "meta", "contents",
+    "autosummary", "meta", "contents", "rst-class", "cssclass", "highlightlang"
 }
+# Directives whose argument is a condition, not text: only their body is kept.
+BODY_ONLY = {"only", "ifconfig"}
 # Directives whose body is code.
 CODE = {
     "code-block", "sourcecode", "code", "doctest", "testcode", "testoutput", "console",
-    "productionlist", "prompt", "ipython", "jupyter-execute",
+    "productionlist", "prompt", "ipython", "jupyter-execute", "graphviz", "digraph", "graph", "mermaid", "plantuml",
 }
 # Directives that describe an API object: the signature is code, the body prose.
 SIGNATURES = {
     "class", "method", "function", "attribute", "data", "exception", "decorator", "decoratormethod",
     "classmethod", "staticmethod", "property", "member", "macro", "type", "var", "enum", "enumerator",
     "struct", "union", "option", "cmdoption", "envvar", "describe", "object", "django-admin",
-    "django-admin-option",
+    "django-admin-option", "autoclass", "autofunction", "automethod", "automodule", "autodata", "autoattribute",
+    "autoexception",
 }
 SIGNATURE_PREFIXES = {
     "class": "class ", "exception": "exception ", "classmethod": "classmethod ", "staticmethod": "staticmethod ",
@@ -77,6 +80,7 @@ LABELS = {
     "versionchanged": "Changed in version {}",
     "deprecated": "Deprecated since version {}",
     "versionremoved": "Removed in version {}",
+    "deprecated-removed": "Deprecated since version {}, will be removed in version {}",
     "seealso": "See also",
 }
 _ROLE = re.compile(r"(?<![\w`]):((?:(?!_)\w)+(?:[-.+:](?:(?!_)\w)+)*):`")
@@ -197,17 +201,21 @@ class _Labelled(_Directive):
     def run(self) -> list[nodes.Node]:
         name = self.name.lower().rsplit(":", 1)[-1]
         argument = self.arguments[0] if self.arguments else ""
-        if name == "seealso":
-            label, rest = LABELS[name], argument
-        else:
-            version, rest = (argument.split(None, 1) + ["", ""])[:2]
-            label = LABELS[name].format(version)
+        slots = LABELS[name].count("{}")  # the leading words that are versions
+        words = argument.split(None, slots)
+        versions, rest = (words[:slots], words[slots] if len(words) > slots else "")
+        label = LABELS[name].format(*(versions + [""] * slots)[:slots])
         node = nodes.container(classes=["embedpipe-label"], label=label)
         if rest.strip():
             inline, messages = self.state.inline_text(" ".join(rest.split()), self.lineno)
             node += nodes.paragraph("", "", *inline)
         node += self.body()
         return [node]
+
+
+class _BodyOnly(_Directive):
+    def run(self) -> list[nodes.Node]:
+        return self.body()
 
 
 class _Unknown(_Directive):
@@ -219,13 +227,16 @@ class _Unknown(_Directive):
         return out + self.body()
 
 
+_KINDS = ((DROPPED, _Dropped), (BODY_ONLY, _BodyOnly), (CODE, _Code), (SIGNATURES, _Signature), (LABELS, _Labelled))
+
+
 def _register(text: str) -> None:
     """Teach docutils the Sphinx directives, and every unknown directive `text` uses, as stand-ins.
 
     Registration is process-wide in docutils; the stand-ins only ever produce plain nodes.
     """
     if "toctree" not in directives._directives:
-        for names, cls in ((DROPPED, _Dropped), (CODE, _Code), (SIGNATURES, _Signature), (LABELS, _Labelled)):
+        for names, cls in _KINDS:
             for name in names:
                 directives.register_directive(name, cls)
     for name in set(_DIRECTIVE.findall(text)):
@@ -233,7 +244,7 @@ def _register(text: str) -> None:
         short = key.rsplit(":", 1)[-1]  # py:method, c:function, rst:directive
         if key in directives._directives or key in en.directives or key in directives._directive_registry:
             continue
-        for names, cls in ((DROPPED, _Dropped), (CODE, _Code), (SIGNATURES, _Signature), (LABELS, _Labelled)):
+        for names, cls in _KINDS:
             if short in names:
                 directives.register_directive(key, cls)
                 break
