@@ -13,7 +13,9 @@ directives are taught to docutils here as text-only stand-ins.
 - versionadded / versionchanged / deprecated / seealso and the admonitions (note, warning, …)
   are prose with their label ("New in version 3.1: …", "Note: …").
 - toctree, index, include, raw and other invisible or file-reading directives are dropped;
-  any other unknown directive keeps its argument and body text.
+  only/ifconfig keep their body; any other unknown directive keeps its argument and body text.
+- Broken markup never shows docutils' messages: a stray ``*`` or backquote is dropped, the words of
+  a malformed table are kept.
 - docutils is silenced (no report, never halts) and may not read files or URLs (`include`, `raw`,
   ``:file:``/``:url:`` options); a document it still cannot parse falls back to plain paragraphs.
 """
