@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,9 +174,18 @@ class Runner:
         with log.open("w", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n\n")
             f.flush()
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=self.env, stdout=None if self.verbose else f, stderr=subprocess.STDOUT
             )  # fmt: skip
+            try:
+                proc.wait()
+            except BaseException:  # Ctrl-C / SIGTERM: stop the stage too, never leave it running alone
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
         wall = time.time() - t0
         if proc.returncode != 0:
             tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
@@ -437,6 +447,10 @@ def run_all(
     return per_seed, base_block, base_pq, once, base_eval.get("passages"), runner.reused_s
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bench", "bench_dir", default=None, metavar="DIR", help="Built benchmark: DIR/docs and DIR/beir.")
 @click.option("--docs", "docs_dir", default=None, metavar="DIR", help="Documents to train on [default: BENCH/docs].")
@@ -517,6 +531,7 @@ def main(
         err=True,
     )
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed bench stops its running stage and keeps the workspace
     try:
         per_seed, base_block, base_pq, once, corpus_n, reused_s = run_all(
             work, env, verbose, params, seeds, docs, beir, cache

@@ -53,7 +53,7 @@ def make_bench(root: Path, tiny_docs_dir: Path, tiny_corpus_path: Path) -> Path:
 def run_bench(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "bench" / "bench_quality.py"), *args],
-        cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
 
 
