@@ -136,11 +136,26 @@ def resolve_inputs(bench: str | None, docs: str | None, beir: str | None) -> tup
 # --- running stages ----------------------------------------------------------------------------------
 
 
+def fingerprint(inputs: list[Path]) -> str:
+    """Cheap identity of the code and data a step depends on (contents of the code; names, sizes and mtimes of
+    the data), so a resumed workspace never reuses a step made by other code or from other documents."""
+    h = hashlib.sha256()
+    for path in sorted([*ROOT.glob("stages/*.py"), *ROOT.glob("embedpipe/*.py")]):
+        h.update(path.name.encode() + path.read_bytes())
+    for folder in inputs:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                h.update(f"{path.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 class Runner:
     """Runs stage subprocesses in the workspace, logs each one, skips those finished in an earlier run."""
 
-    def __init__(self, work: Path, env: dict[str, str], verbose: bool, plan: list[str]) -> None:
+    def __init__(self, work: Path, env: dict[str, str], verbose: bool, plan: list[str], inputs: list[Path]) -> None:
         self.work, self.env, self.verbose, self.plan = work, env, verbose, plan
+        self.fingerprint = fingerprint(inputs)
         self.state_path = work / STATE
         self.state: dict[str, Any] = read_json(self.state_path) if self.state_path.is_file() else {"done": {}}
         write_json(self.state_path, self.state)  # marks the workspace as ours from the start
@@ -160,7 +175,8 @@ class Runner:
     ) -> tuple[float, bool]:
         """Run `python stages/<stage>.py ARGS` -> (wall time, ran now). A step finished by an earlier run of this
         workspace with the same command and params is reused, unless `force` (an upstream step ran again)."""
-        key = hashlib.sha256(json.dumps([stage, args, params_file.read_text()]).encode()).hexdigest()[:16]
+        blob = json.dumps([stage, args, params_file.read_text(), self.fingerprint])
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         done = self.state["done"].get(step)
         if not force and done and done["key"] == key and all(p.exists() for p in outputs):
             self.reused_s += float(done["wall_s"])
@@ -366,7 +382,7 @@ def run_all(
     cache: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, float], dict[str, float], int | None, float]:
     """chunk and base eval once, then sdg -> prep -> finetune -> eval per seed; returns what the table needs."""
-    runner = Runner(work, env, verbose, ["chunk", "eval"] + list(SEED_STAGES) * seeds)
+    runner = Runner(work, env, verbose, ["chunk", "eval"] + list(SEED_STAGES) * seeds, [docs, beir])
     params_files, seed_values = [], []
     for k in range(seeds):
         p, values = seeded_params(params, k)

@@ -155,6 +155,15 @@ def test_overrides_and_seeds_are_applied_like_dvc_exp_run():
     assert seeded["finetune"]["seed"] == 44 and params["finetune"]["seed"] == 42  # the original is untouched
 
 
+def test_a_changed_document_invalidates_finished_steps(tmp_path: Path):
+    bq = load_bench_module()
+    (tmp_path / "a.md").write_text("# A\n\nText.\n")
+    before = bq.fingerprint([tmp_path])
+    assert bq.fingerprint([tmp_path]) == before
+    (tmp_path / "a.md").write_text("# A\n\nOther text.\n")
+    assert bq.fingerprint([tmp_path]) != before
+
+
 def test_sign_flip_matches_hand_counts():
     # All n differences positive: only "all +" and "all -" reach |sum| >= observed -> p = 2 / 2^n exactly.
     for n in (1, 3, 5, 10):
