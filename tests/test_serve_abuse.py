@@ -403,3 +403,46 @@ def test_sigterm_under_load_answers_json_503_and_exits_non_zero(abuse_params, re
         if r.status_code == 503:
             assert_openai_error(r, 503, "shutting_down")
     assert code == 1 and took < 10, (code, took)
+
+
+# --- 6. an unhandled error: counted as 500, answered without its text --------------------------------------
+
+
+def test_unhandled_error_is_a_counted_generic_500(exported, caplog):
+    """In-process app (a real uvicorn on loopback) whose tokenizer raises on one input."""
+    import uvicorn
+
+    from embedpipe.onnx_encoder import OnnxEncoder
+    from embedpipe.processes import free_port
+    from embedpipe.server import ServerSettings, create_app
+
+    class Broken(OnnxEncoder):
+        def tokenize(self, texts, max_length=-1):
+            if any("boom" in t for t in texts):
+                raise RuntimeError("secret internal detail /etc/passwd")
+            return super().tokenize(texts, max_length)
+
+    app = create_app(Broken(exported / "onnx", threads=1), ServerSettings(model_name="test-embed"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/v1/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        failed = httpx.post(f"{base}/v1/embeddings", json={"input": "boom"}, timeout=30)
+        error = assert_openai_error(failed, 500, "internal_error")
+        assert "secret" not in error["message"] and "RuntimeError" not in error["message"]
+        assert httpx.post(f"{base}/v1/embeddings", json={"input": "fine"}, timeout=30).status_code == 200
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'embed_requests_total{path="/v1/embeddings",status="500"} 1.0' in text
+        assert 'embed_errors_total{code="internal_error"} 1.0' in text
+    finally:
+        server.should_exit = True
+        thread.join(30)
