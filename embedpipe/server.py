@@ -67,7 +67,7 @@ _STARVE_STEPS = 4  # a request passed over this many model runs in a row goes fi
 class ServerSettings:
     model_name: str
     max_batch_size: int = 64          # rows per model call
-    max_batch_tokens: int = 1024      # tokens per model call (a big request advances in chunks of this)
+    max_batch_tokens: int = 512       # tokens per model call (a big request advances in chunks of this)
     max_wait_ms: float = 2.0          # how long the first request of a batch waits for others
     max_inputs_per_request: int = 512
     max_tokens_per_input: int = 0     # 0: the model's max_seq_length
