@@ -540,14 +540,14 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
         input_type = body.input_type or settings.default_input_type
         prompt = encoder.query_prompt if input_type == "query" else encoder.passage_prompt
         prompted = [prompt + (t[:char_limit] if len(t) > char_limit else t) for t in texts]
+        if truncate == "END":  # one pass, cut at the token limit
+            return Prepared(encoder.tokenize(prompted, max_length=token_limit), body.dimensions, body.encoding_format)
         ids = encoder.tokenize(prompted, max_length=None)
         over = [i for i, row in enumerate(ids) if len(row) > token_limit]
-        if over and truncate == "NONE":
+        if over:
             raise ApiError(400, f"input[{over[0]}] has {len(ids[over[0]])} tokens, more than the {token_limit} "
                            f"allowed ({len(over)} input(s) too long); send truncate=END to cut them",
                            "input", "context_length_exceeded")
-        for i, row in zip(over, encoder.tokenize([prompted[i] for i in over], max_length=token_limit), strict=True):
-            ids[i] = row
         return Prepared(ids, body.dimensions, body.encoding_format)
 
     def render(emb: np.ndarray, prepared: Prepared) -> bytes:
