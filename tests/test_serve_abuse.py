@@ -1,7 +1,7 @@
 """The embeddings server under abuse (issue 11): each defect's exact request against the real server process.
 
-One server per module (payload 8 MB, 128 inputs, a short read timeout) for everything but SIGTERM, which
-gets its own process. Big requests are sent with short client timeouts: closing them also exercises the
+One server process for the module (payload 8 MB, 128 inputs, a short read timeout); the SIGTERM test, last,
+stops it. Big requests are sent with short client timeouts: closing them also exercises the
 "skip work for clients that left" path, and keeps this file's run time small.
 """
 
@@ -44,17 +44,12 @@ def abuse_params(exported, tmp_path_factory):
     return path
 
 
-def start_server(params_path, repo_root) -> ServerProcess:
-    from conftest import stage_env
-
-    return ServerProcess(["--params", str(params_path)], cwd=str(repo_root),
-                         env=stage_env() | {API_KEY_ENV: API_KEY}).start()
-
-
 @pytest.fixture(scope="module")
 def server(abuse_params, repo_root):
-    proc = start_server(abuse_params, repo_root)
-    with proc:
+    from conftest import stage_env
+
+    with ServerProcess(["--params", str(abuse_params)], cwd=str(repo_root),
+                       env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
         yield proc
 
 
@@ -377,39 +372,11 @@ def test_fuzz_never_5xx_always_openai_errors(server):
     assert 'status="5' not in text
 
 
-# --- 5. shutdown ---------------------------------------------------------------------------------------------
-
-
-def test_sigterm_under_load_answers_json_503_and_exits_non_zero(abuse_params, repo_root):
-    proc = start_server(abuse_params, repo_root)  # drain_timeout_s is 1 here
-    body = json.dumps({"input": [LONG_INPUT] * 16}).encode()
-    try:
-        with ThreadPoolExecutor(12) as pool:  # 12 x 16 inputs: within max_queued_inputs (200)
-            futures = [pool.submit(httpx.post, f"{proc.base_url}/embeddings", content=body, headers=AUTH,
-                                   timeout=60) for _ in range(12)]
-            deadline = time.monotonic() + 20
-            while metric(proc, "embed_queue_inputs") < 100 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            proc.proc.send_signal(signal.SIGTERM)
-            started = time.perf_counter()
-            responses = [f.result() for f in futures]
-        code = proc.proc.wait(30)
-        took = time.perf_counter() - started
-    finally:
-        proc.close()
-    statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
-    for r in responses:
-        if r.status_code == 503:
-            assert_openai_error(r, 503, "shutting_down")
-    assert code == 1 and took < 10, (code, took)
-
-
 # --- 6. an unhandled error: counted as 500, answered without its text --------------------------------------
 
 
-def test_unhandled_error_is_a_counted_generic_500(exported, caplog):
-    """In-process app (a real uvicorn on loopback) whose tokenizer raises on one input."""
+def test_unhandled_error_is_a_counted_generic_500_and_docs_need_the_key(exported):
+    """In-process app (a real uvicorn on loopback) whose tokenizer raises on one input; docs on, key set."""
     import uvicorn
 
     from embedpipe.onnx_encoder import OnnxEncoder
@@ -422,7 +389,8 @@ def test_unhandled_error_is_a_counted_generic_500(exported, caplog):
                 raise RuntimeError("secret internal detail /etc/passwd")
             return super().tokenize(texts, max_length)
 
-    app = create_app(Broken(exported / "onnx", threads=1), ServerSettings(model_name="test-embed"))
+    settings = ServerSettings(model_name="test-embed", api_key=API_KEY, docs_enabled=True)
+    app = create_app(Broken(exported / "onnx", threads=1), settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run)
@@ -436,13 +404,44 @@ def test_unhandled_error_is_a_counted_generic_500(exported, caplog):
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        failed = httpx.post(f"{base}/v1/embeddings", json={"input": "boom"}, timeout=30)
+        failed = httpx.post(f"{base}/v1/embeddings", json={"input": "boom"}, headers=AUTH, timeout=30)
         error = assert_openai_error(failed, 500, "internal_error")
         assert "secret" not in error["message"] and "RuntimeError" not in error["message"]
-        assert httpx.post(f"{base}/v1/embeddings", json={"input": "fine"}, timeout=30).status_code == 200
+        assert httpx.post(f"{base}/v1/embeddings", json={"input": "fine"}, headers=AUTH, timeout=30).status_code == 200
+        for path in ("/docs", "/openapi.json"):
+            assert_openai_error(httpx.get(f"{base}{path}", timeout=10), 401, "invalid_api_key")
+            assert httpx.get(f"{base}{path}", headers=AUTH, timeout=10).status_code == 200
+        schema = httpx.get(f"{base}/openapi.json", headers=AUTH, timeout=10).json()
+        assert "input" in json.dumps(schema["paths"]["/v1/embeddings"]["post"]["requestBody"])
         text = httpx.get(f"{base}/metrics", timeout=10).text
         assert 'embed_requests_total{path="/v1/embeddings",status="500"} 1.0' in text
         assert 'embed_errors_total{code="internal_error"} 1.0' in text
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# --- 5. shutdown ---------------------------------------------------------------------------------------------
+
+
+def test_sigterm_under_load_answers_json_503_and_exits_non_zero(server):
+    """Last test of the module: it stops the module's server (drain_timeout_s is 1 here)."""
+    proc = server
+    body = json.dumps({"input": [LONG_INPUT] * 16}).encode()
+    with ThreadPoolExecutor(12) as pool:  # 12 x 16 inputs: within max_queued_inputs (200)
+        futures = [pool.submit(httpx.post, f"{proc.base_url}/embeddings", content=body, headers=AUTH,
+                               timeout=60) for _ in range(12)]
+        deadline = time.monotonic() + 20
+        while metric(proc, "embed_queue_inputs") < 100 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.proc.send_signal(signal.SIGTERM)
+        started = time.perf_counter()
+        responses = [f.result() for f in futures]
+    code = proc.proc.wait(30)
+    took = time.perf_counter() - started
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert_openai_error(r, 503, "shutting_down")
+    assert code == 1 and took < 10, (code, took)
