@@ -445,3 +445,5 @@ def test_sigterm_under_load_answers_json_503_and_exits_non_zero(server):
         if r.status_code == 503:
             assert_openai_error(r, 503, "shutting_down")
     assert code == 1 and took < 10, (code, took)
+    log = proc.log_tail(10**7)  # the whole module's abuse left no traceback in the server log
+    assert "Traceback" not in log and "dropped at shutdown" in log, log[-3000:]
