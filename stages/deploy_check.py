@@ -119,14 +119,15 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
         dimension = smoke_test(server.base_url, name, env["OPENAI_API_KEY"])
         console.print(f"server ready at {server.base_url} ('{name}', {variant}, dimension {dimension})")
         if not smoke_only:
+            batch = min(32, int(scfg.get("max_inputs_per_request") or 32))
             vectors = check_vectors(server.base_url, name, env["OPENAI_API_KEY"], sample, reference,
-                                    cosine_bar(cfg, variant))
+                                    cosine_bar(cfg, variant), batch)
             vectors["reference_encoded"] = encoded
             if n_corpus <= full_max:
                 Path(out_path).unlink(missing_ok=True)  # never read back a stale result
-                cmd = [sys.executable, "stages/eval.py", "--endpoint", server.base_url,
+                cmd = [sys.executable, "stages/eval.py", "--params", params_path, "--endpoint", server.base_url,
                        "--model", name, "--beir-dir", cfg["eval_dir"], "--reference", cfg["reference"],
-                       "--out", out_path]
+                       "--out", out_path, "--api-key-env", "OPENAI_API_KEY"]
                 rc = subprocess.run(cmd, env=env).returncode
                 record = read_json(out_path) if Path(out_path).is_file() else {"passed": False,
                                                                                   "error": f"eval exited {rc}"}
@@ -167,7 +168,9 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
         rows["served metrics (full test set)"] = "passed" if rc == 0 and record.get("passed") else f"FAILED (exit {rc})"
     rows.update({"server exit code": stop_rc, "wall time s": result["wall_time_s"]})
     summary("deploy_check", rows)
-    if not vectors.get("passed"):
+    if "error" in vectors:
+        alert(f"ENDPOINT FAULT during the vector check: {vectors['error']}")
+    elif not vectors.get("passed"):
         alert("the served vectors differ from the fine-tuned model's (see vector_check in " + out_path + ")")
     elif full and not passed:
         alert("the served model's metrics drift from metrics/eval.json (see eval's output above)")
@@ -175,9 +178,9 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
 
 
 def check_vectors(url: str, name: str, api_key: str, sample: dict[str, list[str]], reference: Any,
-                  bar: float) -> dict[str, Any]:
+                  bar: float, batch_size: int = 32) -> dict[str, Any]:
     """Served vs stored vectors on the sample; an endpoint fault is a failed check, not a crash."""
-    client = EmbeddingEndpoint(url, name, api_key, dimension=int(reference[0].shape[1]))
+    client = EmbeddingEndpoint(url, name, api_key, batch_size=batch_size, dimension=int(reference[0].shape[1]))
     base = {"passages": len(sample["passages"]), "queries": len(sample["queries"]), "cosine_required": bar}
     try:
         served = (client.embed(sample["passages"], "passage"), client.embed(sample["queries"], "query"))
