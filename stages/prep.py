@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from embedpipe.console import summary, warn
-from embedpipe.embed_store import encode_cached
+from embedpipe.embed_store import encode_cached, encode_counts
 from embedpipe.io import FormatError, load_corpus, passage_text, read_jsonl, write_beir, write_json, write_jsonl
 from embedpipe.mining import (
     GROUP_BY,
@@ -159,6 +159,8 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
             rows.update({f"{key} {name}": n for name, n in value.items()})
         elif value is not None:
             rows[key] = value
+    c = encode_counts().get(model._embedpipe_name, {"requested": 0, "encoded": 0})
+    rows["texts encoded"] = f"{c['encoded']} of {c['requested']} (the rest from the embedding store)"
     summary("prep", rows)
 
 
