@@ -89,3 +89,75 @@ def test_a_foreign_folder_in_the_way_is_never_overwritten(tmp_path, monkeypatch)
         load_model("all-mpnet-base-v2", device="cpu")
     assert (tmp_path / "all-mpnet-base-v2" / "mine.txt").read_text() == "keep me"
     assert os.listdir(tmp_path) == ["all-mpnet-base-v2"]
+
+
+# --- the teacher in prep (false negatives, teacher scores) and in finetune (distillation) ----------------------
+
+
+def test_false_negatives_dropped_survivors_labelled_and_cut_to_k():
+    from embedpipe.distillation import _select, filter_and_label, mining_depth
+
+    records = [
+        {"question": "q", "pos_doc": [{"id": "p", "score": 0.8}],
+         "neg_doc": [{"id": "a", "score": 0.7}, {"id": "b", "score": 0.6}, {"id": "c", "score": 0.5}, {"id": "d", "score": 0.4}]},
+        {"question": "r", "pos_doc": [{"id": "p2", "score": 0.8}], "neg_doc": [{"id": "e", "score": 0.7}, {"id": "f", "score": 0.6}, {"id": "g", "score": 0.5}]},
+    ]  # fmt: skip
+    # teacher: 'a' scores above the positive, 'b' within the margin (0.70 > 0.72 - 0.05): both false negatives
+    out, dropped = filter_and_label(records, {0: (0.72, [0.80, 0.70, 0.30, 0.20])}, num_negatives=2, margin=0.05)
+    assert dropped == 2
+    assert out[0]["pos_doc"] == [{"id": "p", "score": 0.8, "teacher_score": 0.72}]
+    assert out[0]["neg_doc"] == [{"id": "c", "score": 0.5, "teacher_score": 0.3}, {"id": "d", "score": 0.4, "teacher_score": 0.2}]
+    assert out[1]["neg_doc"] == records[1]["neg_doc"][:2] and "teacher_score" not in out[1]["pos_doc"][0]  # unscored
+    assert len(records[0]["neg_doc"]) == 4 and "teacher_score" not in records[0]["pos_doc"][0]  # input untouched
+    assert _select(records, cap=7) == ([0], ["p", "a", "b", "c", "d"])  # the second record would need 4 more
+    assert _select(records, cap=0)[0] == [0, 1]
+    assert mining_depth(5, {"enabled": True, "extra_candidates": 3}) == 8 and mining_depth(5, None) == 5
+    with pytest.raises(ValueError, match="unknown prep.teacher key"):
+        mining_depth(5, {"enabeld": True})
+
+
+def test_prep_with_the_teacher_then_a_distillation_step(assembled, tmp_path, tiny_corpus_path, repo_root):
+    """prep scores candidates with the real mpnet teacher (each passage encoded once), finetune distils them."""
+    import subprocess
+    import sys
+
+    from conftest import stage_env
+    from finetune_helpers import tiny_params
+
+    from embedpipe.embed_store import read_encode_log
+    from embedpipe.io import read_json, read_jsonl
+
+    root, _ = assembled
+    env = {**stage_env(), MODELS_DIR_ENV: str(root), "EMBEDPIPE_EMBED_CACHE": str(tmp_path / "store")}
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "model: {base_model: all-MiniLM-L6-v2, query_prompt: '', passage_prompt: '', max_seq_length: 64, device: cpu}\n"
+        "prep: {seed: 7, test_fraction: 0.2, group_by: document, val_fraction: 0.1, val_min: 3, num_negatives: 3,"
+        " margin_mode: relative, relative_margin: 0.05, cache_dir: '',"
+        " teacher: {enabled: true, max_seq_length: 64, extra_candidates: 2, false_negative_margin: 0.05, max_passages: 0}}\n"
+    )
+    prep = tmp_path / "prep"
+    cmd = [sys.executable, "stages/prep.py", "--params", str(params), "--corpus", str(tiny_corpus_path),
+           "--qa", str(repo_root / "tests" / "data" / "tiny_qa.jsonl"), "--out", str(prep), "--metrics", str(tmp_path / "prep.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher = read_json(tmp_path / "prep.json")["teacher"]
+    assert teacher["enabled"] and teacher["records_not_scored"] == 0 and teacher["passages_scored"] > 0
+    records = read_jsonl(prep / "train.jsonl") + read_jsonl(prep / "val.jsonl")
+    assert len(records) == teacher["records_scored"]
+    for rec in records:
+        t_pos = rec["pos_doc"][0]["teacher_score"]
+        assert len(rec["neg_doc"]) <= 3
+        assert all(n["teacher_score"] <= t_pos - 0.05 for n in rec["neg_doc"])  # no false negative kept
+    log = [e for e in read_encode_log(tmp_path / "store") if e["model"].startswith("teacher")]
+    passages = [e for e in log if e["requested"] == teacher["passages_scored"]]
+    assert passages and passages[0]["encoded"] == teacher["passages_scored"]  # each passage once by the teacher
+
+    ft = tiny_params(tmp_path / "ft.yaml", loss="contrastive+distill_kl", distill_weight=0.5, max_steps=1)
+    cmd = [sys.executable, "stages/finetune.py", "--params", str(ft), "--prep-dir", str(prep), "--out", str(tmp_path / "model"),
+           "--metrics", str(tmp_path / "train.json"), "--live-dir", str(tmp_path / "live"), "--checkpoint-dir", str(tmp_path / "ckpt")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_json(tmp_path / "train.json")
+    assert metrics["loss"] == "contrastive+distill_kl" and metrics["steps"] == 1 and metrics["first_loss"] > 0
+    assert "DistillKLDivLoss" in (tmp_path / "model" / "README.md").read_text()
