@@ -137,20 +137,48 @@ class ValidationSet:
     sampled: int  # random fill-up passages
     corpus_total: int  # passages of train_corpus.jsonl
     max_passages: int  # the cap (0 = the whole corpus)
+    llm_questions: int = 0  # val questions written by an LLM (not inverse cloze)
+    inverse_cloze_left_out: int = 0  # inverse-cloze val questions not used (val_prefer_llm_questions)
 
     def describe(self) -> dict[str, int]:
         return {"passages": len(self.corpus), "positives": self.positives, "mined_negatives": self.negatives,
-                "random_sample": self.sampled, "corpus_passages": self.corpus_total, "max_passages": self.max_passages}
+                "random_sample": self.sampled, "corpus_passages": self.corpus_total, "max_passages": self.max_passages,
+                "questions": len(self.queries), "llm_questions": self.llm_questions,
+                "inverse_cloze_left_out": self.inverse_cloze_left_out}
+
+
+def prefer_llm_questions(records: Sequence[dict[str, Any]], min_llm: int) -> tuple[list[dict[str, Any]], int, int]:
+    """Val records without the inverse-cloze ones when at least `min_llm` LLM-written questions remain.
+
+    Why: an inverse-cloze query is a sentence cut from its own positive, so it rewards string overlap and
+    predicts gains on human questions poorly; LLM questions are closer to them. Too few LLM questions make a
+    noisy validation, so below `min_llm` every question is kept. Returns (records, llm questions, left out).
+    """
+    def source(r: dict[str, Any]) -> str:
+        return str(r.get("source_id") or r["question_id"])
+
+    llm = {source(r) for r in records if r.get("query_type") != "inverse_cloze"}
+    ict = {source(r) for r in records} - llm
+    if len(llm) < max(1, min_llm) or not ict:
+        return list(records), len(llm), 0
+    return [r for r in records if source(r) in llm], len(llm), len(ict)
 
 
 def validation_set(
-    records: Sequence[dict[str, Any]], corpus: dict[str, dict[str, Any]], max_passages: int, seed: int
+    records: Sequence[dict[str, Any]], corpus: dict[str, dict[str, Any]], max_passages: int, seed: int,
+    min_llm_questions: int = 0,
 ) -> ValidationSet:
     """The val questions' positives + their mined negatives + a fixed random sample of the rest, up to
     `max_passages` (0 = whole corpus). Positives and negatives are always kept (even past the cap): they are
-    what the ranking is about; the random sample only adds distractors so the task is not trivially small."""
+    what the ranking is about; the random sample only adds distractors so the task is not trivially small.
+    `min_llm_questions` > 0: see `prefer_llm_questions`."""
     import random
 
+    kept, llm, left_out = prefer_llm_questions(records, min_llm_questions)
+    if min_llm_questions > 0:
+        records = kept
+    else:
+        left_out = 0
     queries, relevant = validation_queries(records, corpus)
     positives = {p for docs in relevant.values() for p in docs}
     negatives = {n["id"] for r in records for n in r.get("neg_doc") or [] if n.get("id") in corpus} - positives
@@ -163,7 +191,7 @@ def validation_set(
         chosen = positives | negatives | set(random.Random(seed).sample(rest, sampled))
     texts = {pid: passage_text(corpus[pid]) for pid in corpus if pid in chosen}  # corpus order: reproducible
     return ValidationSet(queries, relevant, texts, len(positives), len(negatives), sampled, len(corpus),
-                         max(0, int(max_passages)))
+                         max(0, int(max_passages)), llm, left_out)
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -776,7 +804,9 @@ def run_outputs(
         steps += f" (cut by the {budget['max_minutes']:g}-min budget: {budget['steps_not_taken']} not taken)"
     rows = {
         "examples": table.examples,
-        "val questions / passages": f"{len(val.queries)} / {len(val.corpus)} of {val.corpus_total}",
+        "val questions / passages": f"{len(val.queries)} ({val.llm_questions} LLM"
+        + (f", {val.inverse_cloze_left_out} inverse-cloze left out" if val.inverse_cloze_left_out else "")
+        + f") / {len(val.corpus)} of {val.corpus_total}",
         "device / processes": f"{device} / {plan.world_size}",
         "batch (auto-scaled)" if plan.auto_scaled else "batch": plan.global_batch,
         "loss": cfg.get("loss", "contrastive"),

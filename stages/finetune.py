@@ -115,7 +115,8 @@ def main(
         train_records = read_jsonl(prep / "train.jsonl")
         val_records = read_jsonl(prep / "val.jsonl")
         table = build_training_table(train_records, corpus, int(cfg["passages_per_query"]), teacher_labels)
-        val = validation_set(val_records, corpus, int(cfg.get("val_max_passages") or 0), int(cfg["seed"]))
+        val = validation_set(val_records, corpus, int(cfg.get("val_max_passages") or 0), int(cfg["seed"]),
+                             int(cfg.get("val_min_llm_questions") or 0))
     except (FormatError, KeyError, ValueError) as e:
         raise click.ClickException(f"bad prep data in {prep}: {e}") from None
     if teacher_labels and table.examples == 0 and table.no_teacher_scores:

@@ -162,3 +162,18 @@ def test_bad_params_fail_before_training():
         check_params({**base, "wise_alphas": [1.5]})
     with pytest.raises(ValueError, match="max_minutes"):
         check_params({**base, "max_minutes": -1})
+
+
+def test_validation_prefers_llm_questions_when_there_are_enough(prep):
+    corpus = load_corpus(prep / "train_corpus.jsonl")
+    records = read_jsonl(prep / "val.jsonl")
+    for r in records[:2]:
+        r["query_type"] = "inverse_cloze"
+    n = len({r["source_id"] for r in records})
+    val = validation_set(records, corpus, 0, seed=1, min_llm_questions=3)
+    assert len(val.queries) == n - 2 and (val.llm_questions, val.inverse_cloze_left_out) == (n - 2, 2)
+    assert not {r["source_id"] for r in records[:2]} & set(val.queries)
+    too_few = validation_set(records, corpus, 0, seed=1, min_llm_questions=n)  # only n-2 LLM questions: keep all
+    assert len(too_few.queries) == n and too_few.inverse_cloze_left_out == 0
+    off = validation_set(records, corpus, 0, seed=1, min_llm_questions=0)
+    assert len(off.queries) == n and off.describe()["llm_questions"] == n - 2

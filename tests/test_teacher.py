@@ -154,7 +154,7 @@ def test_prep_with_the_teacher_then_a_distillation_step(assembled, tmp_path, tin
     assert passages and passages[0]["encoded"] == teacher["passages_scored"]  # each passage once by the teacher
 
     ft = tiny_params(tmp_path / "ft.yaml", loss="contrastive+distill_kl", distill_weight=0.5, max_steps=1)
-    cmd = [sys.executable, "stages/finetune.py", "--params", str(ft), "--prep-dir", str(prep), "--out", str(tmp_path / "model"),
+    cmd = [sys.executable, str(repo_root / "stages" / "finetune.py"), "--params", str(ft), "--prep-dir", str(prep), "--out", str(tmp_path / "model"),
            "--metrics", str(tmp_path / "train.json"), "--live-dir", str(tmp_path / "live"), "--checkpoint-dir", str(tmp_path / "ckpt")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
