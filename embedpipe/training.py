@@ -427,6 +427,7 @@ class TrainResult:
     alpha: float = 1.0  # weight of the fine-tuned model in the saved one (WiSE-FT); 0 = base, 1 = best checkpoint
     alpha_scores: dict[float, float] = field(default_factory=dict)  # val nDCG@10 per alpha tried
     budget: dict[str, Any] = field(default_factory=dict)  # TimeBudget.report()
+    base_state: dict[str, Tensor] | None = field(default=None, repr=False)  # CPU copy of the base weights (WiSE-FT)
 
     @property
     def saved_ndcg10(self) -> float:
@@ -633,7 +634,7 @@ def train(
     live_dir: str | Path | None,
 ) -> TrainResult:
     """Evaluate the base model, train with checkpoints + validation every `plan.eval_steps` within the time
-    budget (`max_minutes`), load the best checkpoint, then interpolate it with the base weights (`wise_alphas`)."""
+    budget (`max_minutes`), load the best checkpoint (then `apply_wise` interpolates it with the base weights)."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
@@ -700,8 +701,6 @@ def train(
         best_step = int(str(trainer.state.best_model_checkpoint).rsplit("-", 1)[-1])
         best = float(trainer.state.best_metric)
     steps = int(trainer.state.global_step)
-    alphas = cfg.get("wise_alphas") or [1.0]
-    alpha, alpha_scores = choose_alpha(model, base_state, evaluator, alphas, base, best) if steps else (0.0, {0.0: base})
     return TrainResult(
         base_ndcg10=base,
         best_ndcg10=best,
@@ -710,11 +709,24 @@ def train(
         first_loss=losses[0] if losses else None,
         steps=steps,
         history=history,
-        regression=alpha == 0.0,
-        alpha=alpha,
-        alpha_scores=alpha_scores,
+        regression=best < base,
+        alpha=1.0 if best >= base else 0.0,
+        alpha_scores={0.0: base, 1.0: best},
         budget=budget.report(steps),
+        base_state=base_state,
     )
+
+
+def apply_wise(model: Any, result: TrainResult, evaluator: Any, alphas: Sequence[float]) -> TrainResult:
+    """After `train`: interpolate the best checkpoint with the base weights, keep the best alpha on validation
+    (loaded into `model`), and record it; alpha = 0 (the base model winning) is the regression guard."""
+    if not result.steps or result.base_state is None:
+        return result
+    alpha, scores = choose_alpha(model, result.base_state, evaluator, alphas or [1.0], result.base_ndcg10,
+                                 result.best_ndcg10)
+    result.alpha, result.alpha_scores, result.regression = alpha, scores, alpha == 0.0
+    result.base_state = None  # free the copy
+    return result
 
 
 # --------------------------------------------------------------------------------------------- outputs

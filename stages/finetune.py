@@ -23,6 +23,7 @@ from embedpipe.io import FormatError, load_corpus, read_jsonl, write_json
 from embedpipe.models import ModelNotAvailable, detect_device, load_model
 from embedpipe.params import ParamsError, load_params, section
 from embedpipe.training import (
+    apply_wise,
     build_training_table,
     check_params,
     effective_params,
@@ -156,6 +157,7 @@ def main(
             model, table, evaluator, cfg, plan, device.split(":")[0], prompts, checkpoint_dir,
             live_dir if main_proc else None,
         )
+        result = apply_wise(model, result, evaluator, cfg.get("wise_alphas") or [1.0])
     except ModelNotAvailable as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:  # bad loss / alpha params
