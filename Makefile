@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 # Reinstall only when the requirements change.
-STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-llm.txt pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-llm.txt requirements-teacher.txt pyproject.toml | sha256sum | cut -c1-16)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
@@ -23,10 +23,11 @@ help:  ## List the targets
 
 setup: $(STAMP)  ## Create .venv with pinned requirements (idempotent)
 
-$(STAMP): requirements.txt requirements-llm.txt pyproject.toml
+$(STAMP): requirements.txt requirements-llm.txt requirements-teacher.txt pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-teacher.txt
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-llm.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

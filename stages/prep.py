@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from embedpipe.console import summary, warn
+from embedpipe.distillation import mining_depth, teacher_rescore
 from embedpipe.embed_store import encode_cached, encode_counts
 from embedpipe.io import FormatError, load_corpus, passage_text, read_jsonl, write_beir, write_json, write_jsonl
 from embedpipe.mining import (
@@ -63,6 +64,10 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
     if cfg.get("group_by", "document") not in GROUP_BY:
         raise click.ClickException(f"prep.group_by must be one of {', '.join(GROUP_BY)}")
     k = int(cfg.get("num_negatives", 5))
+    try:
+        k_mine = mining_depth(k, cfg.get("teacher"))  # + candidates for the teacher to filter (prep.teacher)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
     questions, dropped = clean_questions(qa, corpus)
     for reason, n in dropped.items():
@@ -103,7 +108,7 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
     encode_s = time.time() - t0
     t0 = time.time()
     mined = mine(
-        query_emb, corpus_emb, [[row_of[p] for p in q["segment_ids"]] for q in mined_qs], k,
+        query_emb, corpus_emb, [[row_of[p] for p in q["segment_ids"]] for q in mined_qs], k_mine,
         mode=cfg.get("margin_mode", "relative"), relative_margin=float(cfg.get("relative_margin", 0.05)),
         absolute_margin=float(cfg.get("absolute_margin", 0.0)),
         query_batch=int(cfg.get("query_batch", 256)), corpus_block=int(cfg.get("corpus_block", 16384)),
@@ -111,6 +116,10 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
     )
     search_s = time.time() - t0
     examples = unroll(mined_qs, train_ids, mined)
+    try:  # teacher scores + false-negative filter (no-op unless prep.teacher.enabled)
+        examples, teacher_metrics = teacher_rescore(examples, corpus, cfg.get("teacher"), k)
+    except ModelNotAvailable as e:
+        raise click.ClickException(f"prep.teacher: {e}") from None
     n_train_q = len(split.train)
     train_set = {q["id"] for q in split.train}
     train_ex = [e for e in examples if e["source_id"] in train_set]
@@ -146,6 +155,7 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         "margin_removed_fraction": (round(mined.removed_by_margin / mined.candidates, 6)
                                     if mined.candidates and mined.removed_by_margin >= 0 else None),
         "queries_with_fewer_than_k_negatives": mined.short,
+        "teacher": teacher_metrics,
         "encode_s": round(encode_s, 2),
         "search_s": round(search_s, 3),
         "wall_time_s": round(time.time() - started, 2),

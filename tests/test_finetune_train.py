@@ -115,3 +115,31 @@ def test_two_process_gloo_run_saves_a_loadable_model_with_prompts(prep_dir, tmp_
     loss_curve = (tmp_path / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert loss_curve[0].split("\t")[:2] == ["step", "loss"] and len(loss_curve) == 3  # header + one row per step
     assert not (tmp_path / "ckpt").exists()  # scratch checkpoints removed
+
+
+def test_time_budget_bounded_validation_and_wise_alpha_in_the_stage(prep_dir, tmp_path):
+    """A 0.03 s budget stops after the first step (validated and checkpointed); the val corpus is capped; the
+    saved model is the best of base / alpha 0.5 / best checkpoint on validation, and every output says so."""
+    params = tiny_params(tmp_path / "params.yaml", epochs=3, max_steps=6, max_minutes=0.0005, val_max_passages=18,
+                         wise_alphas=[0.5, 1.0], learning_rate=5e-5)  # fmt: skip
+    proc = run_stage(tmp_path, prep_dir, params)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    budget = metrics["budget"]
+    assert (metrics["steps"], metrics["steps_planned"]) == (1, 6)
+    assert budget["cut_by_budget"] and (budget["steps_taken"], budget["steps_not_taken"]) == (1, 5)
+    assert budget["step_time_s_mean"] > 0 and budget["max_minutes"] == 0.0005
+    assert "time budget: stopped after 1 of 6 planned steps" in proc.stderr
+    assert metrics["best_step"] in (0, 1)
+    val = metrics["val_corpus"]
+    assert val["max_passages"] == 18 and val["corpus_passages"] == 21
+    assert val["passages"] == max(18, val["positives"] + val["mined_negatives"]) == (
+        val["positives"] + val["mined_negatives"] + val["random_sample"])
+    by_alpha = metrics["val_ndcg@10_by_alpha"]
+    assert set(by_alpha) == {"0", "0.5", "1"}
+    assert by_alpha["0"] == metrics["val_ndcg@10_base"] and by_alpha["1"] == metrics["val_ndcg@10_finetuned"]
+    best = max(by_alpha, key=lambda a: (by_alpha[a], float(a)))
+    assert metrics["wise_alpha"] == float(best) and metrics["val_ndcg@10_saved"] == by_alpha[best]
+    assert metrics["saved_model"] == {"0": "base", "0.5": "interpolated", "1": "finetuned"}[best]
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "interpolated, alpha 0.5 (WiSE-FT)" in card and "of 21 passages" in card

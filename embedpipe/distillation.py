@@ -1,0 +1,144 @@
+"""Teacher scores for prep's mined candidates: false-negative control and distillation labels (issue 13).
+
+The base model mines candidates; a stronger teacher (default all-mpnet-base-v2, offline, see
+`embedpipe.teacher`) then scores each question against its positive and candidates:
+- a candidate the teacher scores within `false_negative_margin` of the positive (or above it) is most
+  likely an unlabeled answer, so it is dropped instead of being pushed away (false-negative control);
+- the survivors keep the teacher's score (`pos_doc[].teacher_score`, `neg_doc[].teacher_score`), which the
+  finetune stage distils into the student (`finetune.loss: margin_mse | distill_kl | contrastive+...`).
+
+Cost: the teacher is ~4-5x slower than MiniLM on a CPU, so its work is bounded: texts are truncated at
+`max_seq_length`, at most `extra_candidates` more than `num_negatives` are mined for it to filter, and at
+most `max_passages` distinct passages are scored (records past the cap keep their base-mined negatives and
+no teacher score; the metrics say how many). Every text goes through the embedding store, so a passage is
+encoded once by the teacher however many questions share it, and never again in a later run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from embedpipe.io import passage_text
+
+DEFAULTS: dict[str, Any] = {
+    "enabled": False,
+    "model": "all-mpnet-base-v2",
+    "query_prompt": "",
+    "passage_prompt": "",
+    "max_seq_length": 256,
+    "extra_candidates": 3,
+    "false_negative_margin": 0.05,
+    "max_passages": 2000,
+    "batch_size": 16,
+    "device": None,
+}
+
+
+def teacher_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """`prep.teacher` with defaults filled in; unknown keys are an error (a typo would silently do nothing)."""
+    cfg = dict(cfg or {})
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown prep.teacher key(s): {', '.join(sorted(unknown))} (known: {', '.join(DEFAULTS)})")
+    return {**DEFAULTS, **cfg}
+
+
+def mining_depth(num_negatives: int, cfg: dict[str, Any] | None) -> int:
+    """How many candidates prep mines: `num_negatives`, plus `extra_candidates` for the teacher to filter."""
+    t = teacher_config(cfg)
+    return num_negatives + (int(t["extra_candidates"]) if t["enabled"] else 0)
+
+
+def _select(records: Sequence[dict[str, Any]], cap: int) -> tuple[list[int], list[str]]:
+    """Records scored (in order) while their passages fit under `cap` distinct passages (0 = no cap)."""
+    chosen: list[int] = []
+    passages: dict[str, None] = {}
+    for i, rec in enumerate(records):
+        ids = [p["id"] for p in rec["pos_doc"]] + [n["id"] for n in rec.get("neg_doc") or []]
+        new = [p for p in dict.fromkeys(ids) if p not in passages]
+        if cap and len(passages) + len(new) > cap:
+            break  # in order, so the cut is a clean prefix and reproducible
+        passages.update(dict.fromkeys(new))
+        chosen.append(i)
+    return chosen, list(passages)
+
+
+def filter_and_label(
+    records: Sequence[dict[str, Any]],
+    scores: dict[int, tuple[float, list[float]]],
+    num_negatives: int,
+    margin: float,
+) -> tuple[list[dict[str, Any]], int]:
+    """Apply teacher scores: drop candidates with score > positive - margin, keep the first `num_negatives`
+    survivors (base-model order), write `teacher_score`s. Unscored records keep their first `num_negatives`.
+    Returns (records, candidates dropped as false negatives)."""
+    out, dropped = [], 0
+    for i, rec in enumerate(records):
+        rec = {**rec, "pos_doc": [dict(p) for p in rec["pos_doc"]], "neg_doc": [dict(n) for n in rec.get("neg_doc") or []]}
+        if i in scores:
+            pos_score, neg_scores = scores[i]
+            rec["pos_doc"][0]["teacher_score"] = round(pos_score, 6)
+            kept = []
+            for neg, s in zip(rec["neg_doc"], neg_scores, strict=True):
+                if s > pos_score - margin:
+                    dropped += 1
+                    continue
+                kept.append({**neg, "teacher_score": round(s, 6)})
+            rec["neg_doc"] = kept
+        rec["neg_doc"] = rec["neg_doc"][:num_negatives]
+        out.append(rec)
+    return out, dropped
+
+
+def teacher_rescore(
+    records: list[dict[str, Any]],
+    corpus: dict[str, dict[str, Any]],
+    cfg: dict[str, Any] | None,
+    num_negatives: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """prep's one call: score unrolled records with the teacher (when `prep.teacher.enabled`), filter false
+    negatives, label the rest. Returns (records, metrics). Disabled: records unchanged, `{"enabled": False}`."""
+    t = teacher_config(cfg)
+    if not t["enabled"]:
+        return records, {"enabled": False}
+    from embedpipe.embed_store import encode_cached
+    from embedpipe.models import load_model
+
+    started = time.time()
+    chosen, passage_ids = _select(records, int(t["max_passages"] or 0))
+    model = load_model(t["model"], device=t["device"], max_seq_length=int(t["max_seq_length"]))
+    questions = list(dict.fromkeys(records[i]["question"] for i in chosen))
+    q_vec = encode_cached(model, questions, t["query_prompt"], batch_size=int(t["batch_size"]), label=f"teacher {t['model']}",
+                          desc="teacher questions")
+    p_vec = encode_cached(model, [passage_text(corpus[p]) for p in passage_ids], t["passage_prompt"],
+                          batch_size=int(t["batch_size"]), label=f"teacher {t['model']}", desc="teacher passages")
+    q_row = {q: n for n, q in enumerate(questions)}
+    p_row = {p: n for n, p in enumerate(passage_ids)}
+    scores: dict[int, tuple[float, list[float]]] = {}
+    for i in chosen:
+        rec = records[i]
+        q = q_vec[q_row[rec["question"]]]
+        pos = float(q @ p_vec[p_row[rec["pos_doc"][0]["id"]]])
+        scores[i] = (pos, [float(q @ p_vec[p_row[n["id"]]]) for n in rec.get("neg_doc") or []])
+    out, dropped = filter_and_label(records, scores, num_negatives, float(t["false_negative_margin"]))
+    candidates = sum(len(s[1]) for s in scores.values())
+    pos_scores = np.array([s[0] for s in scores.values()], dtype=np.float64)
+    return out, {
+        "enabled": True,
+        "model": t["model"],
+        "max_seq_length": int(t["max_seq_length"]),
+        "records_scored": len(chosen),
+        "records_not_scored": len(records) - len(chosen),
+        "passages_scored": len(passage_ids),
+        "max_passages": int(t["max_passages"] or 0),
+        "candidates_scored": candidates,
+        "false_negatives_dropped": dropped,
+        "false_negative_fraction": round(dropped / candidates, 4) if candidates else None,
+        "false_negative_margin": float(t["false_negative_margin"]),
+        "teacher_positive_score_mean": round(float(pos_scores.mean()), 4) if len(pos_scores) else None,
+        "wall_time_s": round(time.time() - started, 1),
+    }

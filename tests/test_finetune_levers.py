@@ -1,0 +1,179 @@
+"""finetune levers without a training run: bounded validation corpus, time budget, WiSE-FT interpolation on the real
+MiniLM, teacher labels and the distillation losses against hand computations."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from finetune_helpers import VAL_QUESTIONS, write_prep
+
+from embedpipe.embed_store import read_encode_log
+from embedpipe.io import load_corpus, read_jsonl
+from embedpipe.training import (
+    ContrastivePlusDistillation,
+    HardNegativeSoftmaxLoss,
+    TimeBudget,
+    build_training_table,
+    check_params,
+    interpolate_state,
+    make_evaluator,
+    make_loss,
+    validation_set,
+)
+
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory, tiny_corpus_path, minilm):
+    return write_prep(tmp_path_factory.mktemp("prep"), tiny_corpus_path, minilm, negatives=2)
+
+
+def test_validation_set_keeps_positives_and_negatives_and_fills_with_a_fixed_sample(prep):
+    corpus = load_corpus(prep / "train_corpus.jsonl")
+    records = read_jsonl(prep / "val.jsonl")
+    positives = {p["id"] for r in records for p in r["pos_doc"]}
+    negatives = {n["id"] for r in records for n in r["neg_doc"]} - positives
+    val = validation_set(records, corpus, max_passages=len(positives) + len(negatives) + 3, seed=1)
+    assert len(val.queries) == len(VAL_QUESTIONS)
+    assert (val.positives, val.negatives, val.sampled) == (len(positives), len(negatives), 3)
+    assert positives | negatives <= set(val.corpus) and len(val.corpus) == len(positives) + len(negatives) + 3
+    assert val.describe()["corpus_passages"] == len(corpus) == 21
+    assert validation_set(records, corpus, len(val.corpus), seed=1).corpus == val.corpus  # fixed sample
+    tiny = validation_set(records, corpus, max_passages=2, seed=1)  # the cap never drops what is ranked
+    assert set(tiny.corpus) == positives | negatives and tiny.sampled == 0
+    assert len(validation_set(records, corpus, 0, seed=1).corpus) == 21  # 0 = whole corpus
+
+
+def test_base_validation_vectors_come_from_the_store_once(prep, tmp_path, minilm, monkeypatch):
+    from embedpipe.training import base_validation
+
+    monkeypatch.setenv("EMBEDPIPE_EMBED_CACHE", str(tmp_path / "store"))
+    val = validation_set(read_jsonl(prep / "val.jsonl"), load_corpus(prep / "train_corpus.jsonl"), 0, seed=1)
+    evaluator = make_evaluator(val.queries, val.corpus, val.relevant, PROMPTS)
+    first = base_validation(minilm, evaluator, PROMPTS)
+    second = base_validation(minilm, evaluator, PROMPTS)
+    log = read_encode_log(tmp_path / "store")
+    assert [(e["requested"], e["encoded"]) for e in log] == [(21, 21), (21, 0)]
+    assert first == pytest.approx(second, abs=1e-6)
+    assert first == pytest.approx(evaluator(minilm)["val_cosine_ndcg@10"], abs=1e-4)  # same as encoding directly
+
+
+def test_time_budget_stops_when_a_step_and_a_validation_no_longer_fit():
+    now = [0.0]
+    budget = TimeBudget(max_minutes=1.0, planned_steps=100, clock=lambda: now[0])
+    budget.start = 0.0
+    budget.step_s = [10.0]
+    now[0] = 30.0
+    assert not budget.should_stop(3, 100)  # 30 + 10 + 10 <= 60
+    budget.eval_s = [25.0]
+    assert budget.should_stop(3, 100)  # 30 + 10 + 25 > 60
+    assert not budget.should_stop(100, 100)  # the last planned step: nothing to cut
+    budget.stopped_at = 3
+    report = budget.report(3)
+    assert report["cut_by_budget"] and (report["steps_planned"], report["steps_taken"], report["steps_not_taken"]) == (100, 3, 97)
+    assert not TimeBudget(0, 10).should_stop(1, 10)  # 0 = no budget
+
+
+def test_wise_interpolation_on_the_real_minilm(minilm):
+    base = {k: v.clone() for k, v in minilm.state_dict().items()}
+    tuned_model = copy.deepcopy(minilm)
+    with torch.no_grad():
+        for p in tuned_model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    tuned = tuned_model.state_dict()
+    zero, one, half = (interpolate_state(base, tuned, a) for a in (0.0, 1.0, 0.5))
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    assert len(floats) > 90
+    for k in floats:
+        torch.testing.assert_close(zero[k], base[k], rtol=0, atol=0)
+        torch.testing.assert_close(one[k], tuned[k], rtol=0, atol=0)
+        torch.testing.assert_close(half[k], (base[k] + tuned[k]) / 2, rtol=1e-6, atol=1e-7)
+    for k in set(base) - set(floats):  # integer buffers (position ids) are copied, not averaged
+        assert torch.equal(half[k], tuned[k])
+    tuned_model.load_state_dict(half)  # loadable as is
+    with pytest.raises(ValueError, match="state dicts differ"):
+        interpolate_state(base, {k: v for k, v in tuned.items() if k != floats[0]}, 0.5)
+
+
+def test_teacher_labels_follow_the_picked_negatives(tiny_corpus_path):
+    corpus = load_corpus(tiny_corpus_path)
+    ids = list(corpus)
+    records = [
+        {"question": "q1", "pos_doc": [{"id": ids[0], "score": 0.9, "teacher_score": 0.8}],
+         "neg_doc": [{"id": ids[1], "score": 0.5, "teacher_score": 0.3}, {"id": ids[2], "score": 0.7, "teacher_score": 0.6}]},
+        {"question": "q2", "pos_doc": [{"id": ids[3], "score": 0.9, "teacher_score": 0.7}],
+         "neg_doc": [{"id": ids[4], "score": 0.5, "teacher_score": 0.1}]},  # padded: its one score repeated
+        {"question": "q3", "pos_doc": [{"id": ids[5], "score": 0.9}], "neg_doc": [{"id": ids[6], "score": 0.5}]},
+    ]  # fmt: skip
+    table = build_training_table(records, corpus, passages_per_query=3, teacher_labels=True)
+    assert table.columns["label"] == [[0.8, 0.6, 0.3], [0.7, 0.1, 0.1]]
+    assert (table.examples, table.padded, table.no_teacher_scores) == (2, 1, 1)
+    assert "label" not in build_training_table(records, corpus, 3).columns
+
+
+def _cos(a, b):
+    return float(torch.dot(a, b))
+
+
+def test_distillation_losses_equal_hand_computation(minilm):
+    torch.manual_seed(0)
+    q, pos, n1, n2 = (torch.nn.functional.normalize(torch.randn(2, 6), dim=-1) for _ in range(4))
+    labels = torch.tensor([[0.9, 0.5, 0.2], [0.6, 0.7, 0.1]])
+    cfg = {"passages_per_query": 3, "temperature": 0.02, "in_batch_negatives": False, "distill_temperature": 0.1}
+
+    mse = make_loss(minilm, {**cfg, "loss": "margin_mse"}, 1, 4).compute_loss_from_embeddings([q, pos, n1, n2], labels)
+    expected = 0.0
+    for b in range(2):
+        s = [_cos(q[b], d[b]) for d in (pos, n1, n2)]
+        for i in (1, 2):
+            expected += ((s[0] - s[i]) - (labels[b, 0] - labels[b, i]).item()) ** 2 / 4
+    assert mse.item() == pytest.approx(expected, rel=1e-5)
+
+    t = 0.1
+    kl = make_loss(minilm, {**cfg, "loss": "distill_kl"}, 1, 4).compute_loss_from_embeddings([q, pos, n1, n2], labels)
+    expected_kl = 0.0
+    for b in range(2):
+        s = [_cos(q[b], d[b]) / t for d in (pos, n1, n2)]
+        log_p_student = [x - math.log(sum(math.exp(y) for y in s)) for x in s]
+        z = [v / t for v in labels[b].tolist()]
+        p_teacher = [math.exp(x) / sum(math.exp(y) for y in z) for x in z]
+        expected_kl += sum(p * (math.log(p) - lp) for p, lp in zip(p_teacher, log_p_student)) / 2
+    assert kl.item() == pytest.approx(expected_kl * t * t, rel=1e-5)
+
+    both = make_loss(minilm, {**cfg, "loss": "contrastive+distill_kl", "distill_weight": 0.5}, 1, 4)
+    assert isinstance(both, ContrastivePlusDistillation)
+    contrastive = HardNegativeSoftmaxLoss(minilm, 0.02).loss_from_embeddings(q, [pos, n1, n2])
+    total = both.loss_from_embeddings([q, pos, n1, n2], labels)
+    assert total.item() == pytest.approx(contrastive.item() + 0.5 * expected_kl * t * t, rel=1e-5)
+
+
+def test_bad_params_fail_before_training():
+    base = {"passages_per_query": 3}
+    check_params({**base, "loss": "contrastive+margin_mse", "wise_alphas": [0.5, 1.0], "max_minutes": 5})
+    with pytest.raises(ValueError, match="finetune.loss must be one of"):
+        check_params({**base, "loss": "mse"})
+    with pytest.raises(ValueError, match="passages_per_query >= 2"):
+        check_params({"passages_per_query": 1, "loss": "margin_mse"})
+    with pytest.raises(ValueError, match="wise_alphas"):
+        check_params({**base, "wise_alphas": [1.5]})
+    with pytest.raises(ValueError, match="max_minutes"):
+        check_params({**base, "max_minutes": -1})
+
+
+def test_validation_prefers_llm_questions_when_there_are_enough(prep):
+    corpus = load_corpus(prep / "train_corpus.jsonl")
+    records = read_jsonl(prep / "val.jsonl")
+    for r in records[:2]:
+        r["query_type"] = "inverse_cloze"
+    n = len({r["source_id"] for r in records})
+    val = validation_set(records, corpus, 0, seed=1, min_llm_questions=3)
+    assert len(val.queries) == n - 2 and (val.llm_questions, val.inverse_cloze_left_out) == (n - 2, 2)
+    assert not {r["source_id"] for r in records[:2]} & set(val.queries)
+    too_few = validation_set(records, corpus, 0, seed=1, min_llm_questions=n)  # only n-2 LLM questions: keep all
+    assert len(too_few.queries) == n and too_few.inverse_cloze_left_out == 0
+    off = validation_set(records, corpus, 0, seed=1, min_llm_questions=0)
+    assert len(off.queries) == n and off.describe()["llm_questions"] == n - 2
