@@ -46,6 +46,9 @@ class ParseError(ValueError):
     """The reply text does not have the expected shape; the request is asked again."""
 
 
+BUDGET_SPENT = "not run: time budget spent"  # Result.error of a request the time budget did not allow
+
+
 @dataclass
 class LLMConfig:
     base_url: str
@@ -149,6 +152,7 @@ class LLMClient:
         self.retry_failed = retry_failed
         self.stats = Stats()
         self.stop = threading.Event()
+        self.deadline: float | None = None  # time.monotonic() after which no new request is sent
         self._stats_lock = threading.Lock()
         api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not api_key:
@@ -157,6 +161,16 @@ class LLMClient:
         self._client = openai.OpenAI(
             base_url=cfg.base_url, api_key=api_key or "not-needed", timeout=cfg.timeout, max_retries=0
         )
+
+    def set_time_budget(self, seconds: float) -> None:
+        """After `seconds` from now, `ask` answers only from the cache (0 or less = no budget).
+
+        Requests already in flight finish and are cached; a rerun with a larger budget resumes.
+        """
+        self.deadline = time.monotonic() + seconds if seconds > 0 else None
+
+    def budget_spent(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     # -- one request ----------------------------------------------------------------------------
     def build(
@@ -204,6 +218,8 @@ class LLMClient:
                 except ParseError as e:  # the parser changed since: treat as a failure, do not re-ask
                     return Result(False, None, text, f"parse: {e}", cached=True)
             return Result(False, None, text, error or "failed", cached=True)
+        if self.budget_spent():
+            return Result(False, None, "", BUDGET_SPENT)
 
         text, last_error = "", ""
         for attempt in range(self.cfg.parse_retries + 1):
