@@ -13,6 +13,7 @@ import numpy as np
 from embedpipe import sdg
 from embedpipe.io import passage_text
 from embedpipe.llm import LLMClient, Result
+from embedpipe.progress import progress
 
 
 def pick(weights: dict[str, float], key: int) -> str:
@@ -148,26 +149,38 @@ def to_record(job: dict[str, Any], qa: dict[str, Any], corpus: dict[str, dict], 
     }
 
 
-def inverse_cloze_records(corpus: dict[str, dict], ict: dict[str, Any], seed: Any) -> list[dict[str, Any]]:
-    """Inverse-cloze pairs for the whole corpus, round-robin: every passage's first pseudo-query, then
-    every passage's second, ... (passages in a seeded order), so that a cap keeps a spread over the corpus.
+def inverse_cloze_records(
+    corpus: dict[str, dict], ict: dict[str, Any], seed: Any, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Inverse-cloze pairs, passages in a seeded order (a random spread over the corpus), returned round-robin:
+    every passage's first pseudo-query, then every passage's second, ... so that a cap keeps a spread.
 
-    A pair whose sentence was removed from its positive carries `positive_texts: {passage id: text without
-    the sentence}`; prep/finetune train on that text instead of the corpus text.
+    `limit`: stop once that many pairs exist (sentence splitting costs ~10-25 ms a passage; with the cap only
+    a few hundred pairs are wanted, not one per sentence of a 10k-passage corpus). A pair whose sentence was
+    removed from its positive carries `positive_texts: {passage id: text without the sentence}`; prep and
+    finetune train on that text instead of the corpus text.
     """
     rounds: list[list[dict[str, Any]]] = []
+    total = 0
     order = sorted(corpus, key=lambda pid: sdg.stable_int(seed, pid, "ict-order"))
-    for pid in order:
-        pairs = sdg.inverse_cloze(
-            corpus[pid], int(ict["per_passage"]), int(ict["min_words"]), int(ict["max_words"]),
-            keep_probability=float(ict.get("keep_probability", 0.1)), seed=seed,
-        )
-        for n, (sentence, rest) in enumerate(pairs):
-            job = {"segment_ids": [pid], "query_type": "inverse_cloze"}
-            rec = to_record(job, {"question": sentence, "answer": sentence}, corpus, "inverse_cloze")
-            if rest is not None:
-                rec["positive_texts"] = {pid: rest}
-            while len(rounds) <= n:
-                rounds.append([])
-            rounds[n].append(rec)
-    return [rec for r in rounds for rec in r]
+    with progress(limit if limit is not None else len(order), "sdg inverse cloze",
+                  unit="pair" if limit is not None else "passage") as bar:
+        for pid in order:
+            if limit is not None and total >= limit:
+                break
+            pairs = sdg.inverse_cloze(
+                corpus[pid], int(ict["per_passage"]), int(ict["min_words"]), int(ict["max_words"]),
+                keep_probability=float(ict.get("keep_probability", 0.1)), seed=seed,
+            )
+            for n, (sentence, rest) in enumerate(pairs):
+                job = {"segment_ids": [pid], "query_type": "inverse_cloze"}
+                rec = to_record(job, {"question": sentence, "answer": sentence}, corpus, "inverse_cloze")
+                if rest is not None:
+                    rec["positive_texts"] = {pid: rest}
+                while len(rounds) <= n:
+                    rounds.append([])
+                rounds[n].append(rec)
+            total += len(pairs)
+            bar.update(len(pairs) if limit is not None else 1)
+    out = [rec for r in rounds for rec in r]
+    return out if limit is None else out[:limit]

@@ -22,7 +22,7 @@ from embedpipe import sdg
 from embedpipe.console import alert, summary, warn
 from embedpipe.io import FormatError, load_corpus, passage_text, write_json, write_jsonl
 from embedpipe.llm import BUDGET_SPENT, LLMClient, LLMConfig, LLMFatalError, RequestCache, Result
-from embedpipe.llm_server import EmbeddedServer, ServerError, model_file
+from embedpipe.llm_server import EmbeddedServer, ServerError, model_file, recommended_api
 from embedpipe.models import ModelNotAvailable, encode, load_model
 from embedpipe.params import ParamsError, load_params, section
 from embedpipe.progress import progress
@@ -80,6 +80,10 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
             base_url = llm_cfg.get("base_url") or ""
             generator = llm_cfg["model"]
             if not base_url:
+                made_for = recommended_api(llm_cfg["model"])
+                if made_for and made_for != llm_cfg.get("api", "chat"):
+                    warn(f"sdg.llm.model {llm_cfg['model']} is made for api: {made_for}, "
+                         f"but sdg.llm.api is {llm_cfg.get('api')}: expect unparseable replies")
                 t0 = time.time()
                 try:
                     path = model_file(llm_cfg["model"], llm_cfg.get("models_dir") or "cache/models")
@@ -124,12 +128,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                     continue
                 candidates.append(to_record(job, res.value, corpus, generator))
 
-        # 2. inverse cloze (no LLM): a supplement, capped after the gates at max_share of the accepted pairs
-        ict = cfg["inverse_cloze"]
-        if ict.get("enabled", True):
-            candidates.extend(inverse_cloze_records(corpus, ict, cfg.get("seed", 0)))
-        generated = Counter(c["query_type"] for c in candidates)
         removed: dict[str, int] = {}
+        ict = cfg["inverse_cloze"]
 
         def drop(keep: list[bool], gate: str, reasons: list[str] | None = None) -> None:
             nonlocal candidates
@@ -140,34 +140,33 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                     rejected.append({**slim, "reason": f"{gate}: {reasons[n]}" if reasons else gate})
             candidates = [c for c, k in zip(candidates, keep, strict=True) if k]
 
-        def cap_inverse_cloze(slack: float) -> None:
-            """Keep at most max_share (x slack before the costly gates) inverse-cloze pairs, in spread order."""
-            n_llm = sum(c["generator"] != "inverse_cloze" for c in candidates)
-            cap = sdg.cap_share(n_llm, float(ict.get("max_share", 1.0)))
-            if cap is None:
-                return
-            cap = int(cap * slack)
-            seen = 0
-            keep = []
-            for c in candidates:
-                is_ict = c["generator"] == "inverse_cloze"
-                seen += is_ict
-                keep.append(not is_ict or seen <= cap)
-            drop(keep, "inverse_cloze_cap", [f"over max_share {ict.get('max_share')} of accepted pairs"] * len(keep))
+        def text_gates() -> None:
+            """junk, then context (LLM questions that point at "this module" instead of naming it); idempotent."""
+            if gates["junk"]["enabled"]:
+                reasons = [sdg.junk_reason(c, [passage_text(corpus[i]) for i in c["segment_ids"]], gates["junk"])
+                           for c in candidates]
+                drop([r is None for r in reasons], "junk", [r or "" for r in reasons])
+            ctx_cfg = gates.get("context") or {"enabled": False}
+            if ctx_cfg.get("enabled", True):
+                grounding = bool(ctx_cfg.get("grounding", True))
+                reasons = [None if c["generator"] == "inverse_cloze" else sdg.context_reason(
+                    c["question"], [passage_text(corpus[i]) for i in c["segment_ids"]], grounding) for c in candidates]
+                drop([r is None for r in reasons], "context", [r or "" for r in reasons])
 
-        # 3. junk, then the context gate (LLM questions that point at "this module" instead of naming it)
-        if gates["junk"]["enabled"]:
-            reasons = [sdg.junk_reason(c, [passage_text(corpus[i]) for i in c["segment_ids"]], gates["junk"])
-                       for c in candidates]
-            drop([r is None for r in reasons], "junk", [r or "" for r in reasons])
-        ctx_cfg = gates.get("context") or {"enabled": False}
-        if ctx_cfg.get("enabled", True):
-            reasons = [None if c["generator"] == "inverse_cloze" else sdg.context_reason(
-                c["question"], [passage_text(corpus[i]) for i in c["segment_ids"]], bool(ctx_cfg.get("grounding", True)))
-                for c in candidates]
-            drop([r is None for r in reasons], "context", [r or "" for r in reasons])
-        # the cap once before the embedding gates (with slack for what they remove), once exactly at the end
-        cap_inverse_cloze(slack=2.0)
+        def ict_cap() -> int | None:
+            n_llm = sum(c["generator"] != "inverse_cloze" for c in candidates)
+            return sdg.cap_share(n_llm, float(ict.get("max_share", 1.0))) if llm_cfg.get("enabled", True) else None
+
+        # 2. junk + context on the LLM pairs
+        generated = Counter(c["query_type"] for c in candidates)
+        text_gates()
+        # 3. inverse cloze (no LLM), a supplement: only as many as the cap allows (x2: slack for the later gates)
+        if ict.get("enabled", True):
+            cap = ict_cap()
+            ict_recs = inverse_cloze_records(corpus, ict, cfg.get("seed", 0), limit=None if cap is None else 2 * cap)
+            generated["inverse_cloze"] += len(ict_recs)
+            candidates.extend(ict_recs)
+            text_gates()
         # 4. dedup + 5. retrieval consistency (base embedder)
         q_emb = encode(embedder, [c["question"] for c in candidates], mcfg.get("query_prompt", ""))
         if gates["dedup"]["enabled"] and candidates:
@@ -205,8 +204,13 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                         keep[judged[n]] = False
                         reasons[judged[n]] = "scores " + " ".join(f"{k}={v}" for k, v in c["scores"].items())
             drop(keep, "judge", reasons)
-        if ict.get("enabled", True):
-            cap_inverse_cloze(slack=1.0)
+        cap = ict_cap() if ict.get("enabled", True) else None
+        if cap is not None:  # exactly max_share now that every gate has run; spread order: keep the first ones
+            seen, keep = 0, []
+            for c in candidates:
+                seen += c["generator"] == "inverse_cloze"
+                keep.append(c["generator"] != "inverse_cloze" or seen <= cap)
+            drop(keep, "inverse_cloze_cap", [f"over max_share {ict.get('max_share')} of accepted pairs"] * len(keep))
     except LLMFatalError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

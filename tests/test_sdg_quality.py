@@ -107,6 +107,11 @@ def test_inverse_cloze_records_carry_positive_texts_round_robin():
     for r in recs:
         (pid, text), = r["positive_texts"].items()
         assert pid == r["segment_ids"][0] and r["question"] not in text
+    # with a limit (the cap), only as many passages are split as needed, and the result stays round-robin
+    limited = inverse_cloze_records(corpus, {"per_passage": 2, "min_words": 6, "max_words": 40}, seed=3, limit=3)
+    assert [r["id"] for r in limited] == [r["id"] for r in recs if r["segment_ids"][0] in
+                                          {x["segment_ids"][0] for x in limited}][:3]
+    assert len({r["segment_ids"][0] for r in limited}) == 2
 
 
 def test_positive_texts_travel_through_prep_into_the_training_table():
