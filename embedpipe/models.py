@@ -65,6 +65,7 @@ def load_model(name: str, device: str | None = None, max_seq_length: int | None 
         raise ModelNotAvailable(f"cannot load model '{name}': {hint}. {how}. ({type(e).__name__}: {e})") from None
     if max_seq_length:
         model.max_seq_length = int(max_seq_length)
+    model._embedpipe_name = name  # a readable label for progress lines and the embedding store's log
     return model
 
 
