@@ -63,7 +63,7 @@ class LLMConfig:
     concurrency: int = 1
     backoff_base: float = 1.0
     backoff_max: float = 30.0
-    grammar: bool = False  # send llama.cpp's `grammar` field (only the llama.cpp server understands it)
+    grammar: bool = False  # a llama.cpp server: send its `grammar` field and its JSON-schema dialect
 
     def __post_init__(self) -> None:
         if self.api not in API_KINDS:
@@ -194,7 +194,7 @@ class LLMClient:
         if self.cfg.api == "chat":
             req["messages"] = messages if messages is not None else [{"role": "user", "content": prompt or ""}]
             if response_format:
-                req["response_format"] = response_format
+                req["response_format"] = _llama_cpp_format(response_format) if self.cfg.grammar else response_format
         else:
             req["prompt"] = prompt if prompt is not None else "\n\n".join(m["content"] for m in messages or [])
             if grammar and self.cfg.grammar:
@@ -334,6 +334,17 @@ class LLMClient:
                 s.retries[retry] += 1
             if failure:
                 s.failures[failure] += 1
+
+
+def _llama_cpp_format(response_format: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `json_schema` response format in the dialect llama.cpp servers accept.
+
+    llama-cpp-python's server only knows `{"type": "json_object", "schema": ...}` (it answers 422 to
+    `json_schema`); the C++ llama-server accepts both. The schema becomes a grammar either way.
+    """
+    if response_format.get("type") == "json_schema":
+        return {"type": "json_object", "schema": response_format.get("json_schema", {}).get("schema", {})}
+    return response_format
 
 
 def _retry_after(response: Any) -> float | None:

@@ -234,3 +234,16 @@ def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
     missing = SplitGGUF("m.gguf", "0" * 64, (("no_such_part_pkg", "data/p.bin", "0" * 64),), spec.install_hint)
     with pytest.raises(ServerError, match=r"no-such-part-pkg is not installed: .*requirements-qwen.txt"):
         assemble_split(missing, tmp_path / "m")
+
+
+def test_chat_json_schema_is_sent_in_llama_cpp_dialect_to_llama_cpp_servers(tmp_path):
+    """llama-cpp-python's server answers 422 to OpenAI's `json_schema`; it takes `json_object` + `schema`."""
+    from embedpipe.llm import LLMClient, LLMConfig, RequestCache
+
+    fmt = sdg.chat_response_format("qa_pair", sdg.QA_SCHEMA)
+    cache = RequestCache(tmp_path / "c.sqlite")
+    llama = LLMClient(LLMConfig(base_url="http://127.0.0.1:9/v1", model="m", api="chat", grammar=True), cache)
+    openai_like = LLMClient(LLMConfig(base_url="http://127.0.0.1:9/v1", model="m", api="chat"), cache)
+    assert llama.build(messages=[], response_format=fmt)["response_format"] == {"type": "json_object",
+                                                                                "schema": sdg.QA_SCHEMA}
+    assert openai_like.build(messages=[], response_format=fmt)["response_format"] == fmt
