@@ -37,7 +37,10 @@ _ASSIGN = re.compile(r"^\s*[A-Za-z_][\w.\[\]'\"]*\s*(?:[-+*/|&]|\*\*)?=(?!=)\s*\
 _CALL_START = re.compile(r"^\s*[A-Za-z_][\w.]*\s?\(")
 _SYMBOLS = set("{}[]()<>=;$#@\\/*&|~^`'\"_:")
 _TERMINAL = re.compile(r"[.!?][\"')\]”’]*$")
+_CLOSED = re.compile(r"(?<!\b[ie]\.[ge])[.!?:;][\"')\]”’]*$")  # ends a sentence (not at "i.e.")
 _BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+")
+_BULLET_LINE = re.compile(r"^[ \t]*(?:[-*+•]|\d{1,3}[.)])[ \t]+", re.M)
+_MARKS = re.compile(r"\*\*|__|``?")
 _MARKUP = re.compile(r"::|:\w+:`|`[^`]*`_|\.\. \w+|\{\{|\}\}|\{%|%\}")
 
 
@@ -87,7 +90,7 @@ def is_code_like(sentence: str) -> bool:
 def _is_heading(line: str, next_line: str) -> bool:
     """A short line without closing punctuation followed by a capitalised line: a heading, not wrapped prose."""
     s, nxt = line.strip(), next_line.lstrip()
-    return (0 < len(s.split()) <= 8 and not s.endswith((".", "!", "?", ",", ";", ":", "-"))
+    return (0 < len(s.split()) <= 8 and not s.endswith((".", "!", "?", ",", ";", "-"))
             and bool(nxt) and (nxt[0].isupper() or nxt[0].isdigit()))
 
 
@@ -107,7 +110,7 @@ def prose_paragraphs(text: str) -> list[tuple[int, int]]:
         else:
             prose = not in_fence and bool(line.strip()) and not is_code_line(line)
         heading = prose and _is_heading(line, lines[n + 1] if n + 1 < len(lines) else "")
-        if start is not None and (not prose or heading):
+        if start is not None and (not prose or heading or _BULLET.match(line)):  # a list item starts a paragraph
             spans.append((start, line_start))
             start = None
         if prose and not heading and start is None:
@@ -123,17 +126,32 @@ def _segmenter() -> pysbd.Segmenter:
 
 
 def sentences(text: str) -> list[Sentence]:
-    """Every sentence of the prose parts of `text`, in order, with spans into `text` (whitespace trimmed)."""
+    """Every sentence of the prose parts of `text`, in order, with spans into `text` (whitespace trimmed).
+
+    pysbd occasionally splits inside a sentence ("every 400 h," | "i.e." | "about 13 ..."): a piece that
+    follows one without closing punctuation, or that starts in lower case, is joined back to its predecessor.
+    """
     out: list[Sentence] = []
     for p_start, p_end in prose_paragraphs(text):
-        para = text[p_start:p_end].replace("\r", " ").replace("\n", " ")
+        # Same-length blanking keeps spans valid: line breaks, list markers and emphasis/inline-code marks.
+        para = _MARKS.sub(lambda m: " " * len(m.group()), _BULLET_LINE.sub(lambda m: " " * len(m.group()),
+                                                                           text[p_start:p_end]))
+        para = para.replace("\r", " ").replace("\n", " ")
+        pieces: list[tuple[int, int]] = []
         for span in _segmenter().segment(para):
             raw = para[span.start : span.end]
-            lead = len(raw) - len(raw.lstrip())
+            start = span.start + len(raw) - len(raw.lstrip())
             body = raw.strip()
-            if body:
-                start = p_start + span.start + lead
-                out.append(Sentence(" ".join(_BULLET.sub("", body).split()), start, start + len(body)))
+            if bullet := _BULLET.match(body):  # an inline list item (" - Open the valve.")
+                start, body = start + bullet.end(), body[bullet.end() :]
+            if not body:
+                continue
+            end = start + len(body)
+            if pieces and (not _CLOSED.search(para[pieces[-1][0] : pieces[-1][1]]) or body[0].islower()):
+                pieces[-1] = (pieces[-1][0], end)
+            else:
+                pieces.append((start, end))
+        out.extend(Sentence(" ".join(para[a:b].split()), p_start + a, p_start + b) for a, b in pieces)
     return out
 
 

@@ -69,6 +69,11 @@ def test_query_sentences_keep_only_complete_prose():
     text = "Installing the pump\nThe pump must be primed before its first start, e.g. by hand.\n(See the notes.)"
     assert [s.text for s in query_sentences(text, 6, 40)] == [
         "The pump must be primed before its first start, e.g. by hand."]
+    listed = ("Steps:\n- Open the **suction** valve fully before the start.\n- Replace if flattened\n"
+              "Seal inspection every 400 h, i.e. about 13 inspections a year instead of about 10.")
+    assert [s.text for s in sentences(listed)] == [  # a short unpunctuated line before a capital: a heading
+        "Open the suction valve fully before the start.",
+        "Seal inspection every 400 h, i.e. about 13 inspections a year instead of about 10."]
     assert remove_span("A b. C d. E f.", 5, 9) == "A b. E f."
     assert remove_span("A b.\nC d.", 0, 4) == "C d."
 
