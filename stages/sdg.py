@@ -163,6 +163,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         # 3. inverse cloze (no LLM), a supplement: only as many as the cap allows (x2: slack for the later gates)
         if ict.get("enabled", True):
             cap = ict_cap()
+            if cap is None and jobs and float(ict.get("max_share", 1.0)) < 1:
+                warn("no LLM pair passed the text gates: inverse cloze is not capped (it is all there is)")
             ict_recs = inverse_cloze_records(corpus, ict, cfg.get("seed", 0), limit=None if cap is None else 2 * cap)
             generated["inverse_cloze"] += len(ict_recs)
             candidates.extend(ict_recs)
