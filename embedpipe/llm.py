@@ -296,29 +296,35 @@ class LLMClient:
         On Ctrl-C/SIGTERM the pending items are cancelled and in-flight ones stop at their next retry.
         """
         items = list(items)
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
-            pending = {}
-            it = iter(enumerate(items))
-            try:
-                for i, item in it:
-                    pending[pool.submit(fn, item)] = i
-                    if len(pending) >= 2 * self.cfg.concurrency:
-                        break
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        i = pending.pop(fut)
-                        if progress is not None:
-                            progress.update(1)
-                        yield i, fut.result()
-                        nxt = next(it, None)
-                        if nxt is not None:
-                            pending[pool.submit(fn, nxt[1])] = nxt[0]
-            except BaseException:
-                self.stop.set()
-                for fut in pending:
-                    fut.cancel()
-                raise
+        pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency))
+        interrupted = False
+        pending = {}
+        it = iter(enumerate(items))
+        try:
+            for i, item in it:
+                pending[pool.submit(fn, item)] = i
+                if len(pending) >= 2 * self.cfg.concurrency:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = pending.pop(fut)
+                    if progress is not None:
+                        progress.update(1)
+                    yield i, fut.result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending[pool.submit(fn, nxt[1])] = nxt[0]
+        except BaseException:
+            interrupted = True
+            self.stop.set()
+            for fut in pending:
+                fut.cancel()
+            raise
+        finally:
+            # Interrupted: do not wait for a request in flight (up to `timeout` s): the caller's cleanup (e.g.
+            # stopping the embedded server) must run now; the request's thread ends at its next retry check.
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
 
     def _count(self, requests=0, cache_hits=0, latency=None, prompt_tokens=0, completion_tokens=0, retry=None,
                failure=None) -> None:
