@@ -16,10 +16,10 @@ STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-llm.txt pyproj
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help setup setup-qwen run test lint bench serve push pull clean
+.PHONY: help setup setup-qwen run test lint bench bench-quality bench-quality-args serve push pull clean
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## Create .venv with pinned requirements (idempotent)
 
@@ -46,8 +46,19 @@ test: setup  ## Run the test suite
 lint: setup  ## ruff
 	ruff check .
 
-bench: setup  ## Speed and memory benchmarks (printed side by side)
-	@for b in bench/bench_*.py; do echo "== $$b"; python $$b || exit 1; done
+bench: setup  ## Speed and memory benchmarks, side by side (not bench-quality / bench_pipeline.py: hours, run alone)
+	@for b in bench/bench_*.py; do case $$b in bench/bench_quality.py|bench/bench_pipeline.py) continue;; esac; echo "== $$b"; python $$b || exit 1; done
+
+# Hours on real docs (3 seeds of sdg -> prep -> finetune + eval on CPU): run it alone. See docs/quality.md.
+BENCH ?=
+ARGS ?=
+bench-quality: bench-quality-args setup  ## Fine-tuned vs base on human queries: make bench-quality BENCH=DIR [ARGS="..."]
+	python bench/bench_quality.py --bench "$(BENCH)" $(ARGS)
+
+bench-quality-args:  # checked before setup, so a forgotten BENCH costs nothing
+	@test -n "$(BENCH)" || { echo "usage: make bench-quality BENCH=/path/to/built/django-faq [ARGS='--seeds 3 -S key=value']" >&2; \
+		echo "BENCH is a folder with docs/ and beir/ (../shared/bench/django-faq/build.py OUT builds one); see docs/quality.md" >&2; \
+		exit 2; }
 
 serve: setup  ## Serve models/onnx on http://127.0.0.1:8000/v1/embeddings
 	python stages/serve.py

@@ -132,7 +132,7 @@ def main(quick: bool, n_queries: int, n_passages: int, encode_limit: int, child_
         return
     if quick:
         n_queries, n_passages = 200, 5000
-    from embedpipe.mining import embed_cached
+    from embedpipe.embed_store import encode_cached
     from embedpipe.models import load_model
 
     n_real = min(n_passages, encode_limit)  # positives are drawn from these: their embeddings match their text
@@ -140,10 +140,8 @@ def main(quick: bool, n_queries: int, n_passages: int, encode_limit: int, child_
     model = load_model(MODEL, "cpu", MAX_SEQ)
     cache = ROOT / "cache" / "bench"
     t0 = time.perf_counter()
-    q_emb = embed_cached(model, queries, "", model_name=MODEL, max_seq_length=MAX_SEQ, cache_dir=cache,
-                         batch_size=128, show_progress_bar=True)
-    c_emb = embed_cached(model, passages[:n_real], "", model_name=MODEL, max_seq_length=MAX_SEQ,
-                         cache_dir=cache, batch_size=128, show_progress_bar=True)
+    q_emb = encode_cached(model, queries, "", batch_size=128, root=cache, kind="query")
+    c_emb = encode_cached(model, passages[:n_real], "", batch_size=128, root=cache, kind="passage")
     encode_s = time.perf_counter() - t0
     if n_real < n_passages:
         # Encoding 50k texts takes ~30 min on 2 busy cores: the rest are noisy copies of real embeddings

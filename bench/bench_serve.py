@@ -7,6 +7,12 @@ In-process reference at concurrency c: the same passages encoded in batches of c
 another (what the server's micro-batcher can at best do).
 Goals: int8 server >= 2x torch server throughput; HTTP overhead <= 20% vs in-process at c=8.
 Client and server share this machine's cores, so absolute numbers are lower than on a dedicated host.
+
+    python bench/bench_serve.py --abuse [--requests 96] [--abuse-concurrency 8] [--huge-inputs 512]
+
+Abuse scenario (issue 11, `abuse_scenario`): the same single-passage traffic, once alone and once while one
+huge request (512 inputs of 16,000 characters, just under the 8 MB payload limit) is being served; reports the
+normal requests' p50/p99 in both. Goal: the huge request raises the others' p99 by <= 2x.
 """
 
 from __future__ import annotations
@@ -78,10 +84,19 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--requests", "n_requests", default=96, show_default=True, help="Requests per measurement.")
 @click.option("--concurrency", default="1,8,32", show_default=True, help="Client concurrency levels.")
 @click.option("--backends", default="onnx fp32,onnx int8,torch", show_default=True, help="Which to run.")
-def main(model: str, n_requests: int, concurrency: str, backends: str) -> None:
+@click.option("--abuse", is_flag=True, help="Run only the abuse scenario (one huge request + normal traffic).")
+@click.option("--abuse-concurrency", default=8, show_default=True, help="Abuse scenario: normal clients.")
+@click.option("--huge-inputs", default=512, show_default=True, help="Abuse scenario: inputs in the huge request.")
+@click.option("--huge-chars", default=16_000, show_default=True, help="Abuse scenario: characters per huge input.")
+def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bool, abuse_concurrency: int,
+         huge_inputs: int, huge_chars: int) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     texts = load_texts(n_requests)
     st = load_model(model, device="cpu")
+    if abuse:
+        with tempfile.TemporaryDirectory(prefix="bench-serve-abuse-") as tmp:
+            abuse_scenario(st, Path(tmp), texts, abuse_concurrency, huge_inputs, huge_chars)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         run(model, st, Path(tmp), texts, levels, [b.strip() for b in backends.split(",")])
 
@@ -132,6 +147,46 @@ def run(model: str, st, tmp: Path, texts: list[str], levels: list[int], chosen: 
         overhead = 1 - throughput[(name, "server", c_mid)] / throughput[(name, "in-process", c_mid)]
         console.print(f"HTTP overhead, {name} at c={c_mid}: {overhead * 100:.0f}% (goal <= 20%: "
                       f"{'met' if overhead <= 0.20 else 'NOT met'})")
+
+
+def abuse_scenario(st, tmp: Path, texts: list[str], concurrency: int, huge_inputs: int, huge_chars: int) -> None:
+    """Normal traffic alone, then with one huge request in flight; p99 of the normal requests in both."""
+    import threading
+
+    export_onnx(st, tmp, "bench", "", "")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    words = ("pump pressure valve firmware threshold " * (huge_chars // 40 + 1))[:huge_chars]
+    huge = {"input": [words] * huge_inputs, "model": "bench", "encoding_format": "base64"}
+    result: dict[str, float | int] = {}
+    with ServerProcess(["--model-dir", str(tmp), "--variant", "fp32", "--model-name", "bench"], cwd=str(ROOT),
+                       env=env) as server:
+        drive_server(server.base_url, texts[:8], 2)  # warm-up
+        _, alone = drive_server(server.base_url, texts, concurrency)
+
+        def send_huge() -> None:
+            start = time.perf_counter()
+            r = httpx.post(f"{server.base_url}/embeddings", json=huge, timeout=3600)
+            result.update(status=r.status_code, seconds=time.perf_counter() - start)
+
+        thread = threading.Thread(target=send_huge)
+        thread.start()
+        time.sleep(1.0)  # the huge body is uploaded, parsed and tokenised
+        seconds, loaded = drive_server(server.base_url, texts, concurrency)
+        overlapped = thread.is_alive()
+        thread.join()
+    table = Table(title=f"bench_serve --abuse: {len(texts)} single-passage requests at concurrency {concurrency}, "
+                        f"huge request {huge_inputs} x {huge_chars} chars")
+    for col in ("normal traffic", "p50 ms", "p99 ms", "max ms"):
+        table.add_column(col, justify="left" if col == "normal traffic" else "right")
+    for name, lat in (("alone", alone), ("with the huge request", loaded)):
+        table.add_row(name, *(f"{v * 1000:.1f}" for v in (np.percentile(lat, 50), np.percentile(lat, 99), max(lat))))
+    console = Console()
+    console.print(table)
+    ratio = np.percentile(loaded, 99) / np.percentile(alone, 99)
+    console.print(f"huge request: status {result.get('status')}, {result.get('seconds', 0):.1f} s; "
+                  f"{'still running when' if overlapped else 'finished before'} the normal traffic ended "
+                  f"({seconds:.1f} s){'' if overlapped else ' (use more --requests to overlap it fully)'}")
+    console.print(f"p99 with / without the huge request: {ratio:.2f}x (goal <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
 
 
 if __name__ == "__main__":

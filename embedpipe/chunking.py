@@ -3,6 +3,8 @@
 Passages respect structure: they are packed from whole sentences, never cross a document, start a
 new passage at a heading once the current one is big enough, and carry `overlap_tokens` of trailing
 sentences into the next passage of the same section. The heading path becomes the passage title.
+A fenced code block (`embedpipe.documents.fence_code`) is one unit: it is never cut while it fits
+in a passage; a longer one is cut at line ends into pieces that each keep their fences.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from embedpipe.documents import Document
+from embedpipe.documents import CODE_FENCE, Document, is_code_block
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+(?=[A-Z0-9\"'(\[])")
 
@@ -25,6 +27,7 @@ class _Unit:
     tokens: int
     paragraph: int  # units of one paragraph are joined by spaces, paragraphs by newlines
     section: int
+    code: bool = False  # a fenced code block (or piece of one): always on its own lines
 
 
 def passage_id(title: str, text: str) -> str:
@@ -37,7 +40,8 @@ def token_counter(model_location: str) -> TokenCounter:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_location)
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: counting a text longer than the model's limit is the point here, not an error
+    return lambda text: len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _units(doc: Document, count: TokenCounter, target_tokens: int) -> list[_Unit]:
@@ -46,17 +50,53 @@ def _units(doc: Document, count: TokenCounter, target_tokens: int) -> list[_Unit
     for s_idx, section in enumerate(doc.sections):
         for para in section.paragraphs:
             paragraph += 1
+            if is_code_block(para):
+                pieces = _code_pieces(para, count, target_tokens)
+                units.extend(_Unit(piece, n, paragraph, s_idx, code=True) for piece, n in pieces)
+                continue
             for sentence in _SENTENCE_END.split(para):
                 n = count(sentence)
                 if n <= target_tokens:
                     units.append(_Unit(sentence, n, paragraph, s_idx))
                     continue
-                words = sentence.split()  # one over-long "sentence" (a table, a code block): cut by words
+                words = sentence.split()  # one over-long "sentence" (a run-on, a huge table row): cut by words
                 step = max(1, int(len(words) * target_tokens / n * 0.9))
                 for i in range(0, len(words), step):
                     piece = " ".join(words[i : i + step])
                     units.append(_Unit(piece, count(piece), paragraph, s_idx))
     return units
+
+
+def _code_pieces(block: str, count: TokenCounter, target_tokens: int) -> list[tuple[str, int]]:
+    """A fenced code block as it is if it fits, else cut at line ends into fenced pieces that fit."""
+    n = count(block)
+    if n <= target_tokens:
+        return [(block, n)]
+    budget = max(1, target_tokens - count(f"{CODE_FENCE}\n{CODE_FENCE}"))
+    lines: list[tuple[str, int]] = []
+    for line in block.split("\n")[1:-1]:
+        tokens = count(line)
+        if tokens <= budget:
+            lines.append((line, tokens))
+            continue
+        words = line.split(" ")  # one over-long line: cut by words, like an over-long sentence
+        step = max(1, int(len(words) * budget / tokens * 0.9))
+        lines.extend((" ".join(words[i : i + step]), count(" ".join(words[i : i + step]))) for i in range(0, len(words), step))
+    pieces: list[list[str]] = [[]]
+    size = 0
+    for line, tokens in lines:
+        if pieces[-1] and size + tokens > budget:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(line)
+        size += tokens
+    out = []
+    for piece in pieces:
+        text = f"{CODE_FENCE}\n" + "\n".join(piece) + f"\n{CODE_FENCE}"
+        if not text.strip("`\n "):
+            continue  # a piece of blank lines only
+        out.append((text, count(text)))
+    return out
 
 
 def _join(units: list[_Unit]) -> str:
@@ -65,7 +105,8 @@ def _join(units: list[_Unit]) -> str:
         if prev is None:
             out = unit.text
         else:
-            out += (" " if prev.paragraph == unit.paragraph else "\n") + unit.text
+            same_line = prev.paragraph == unit.paragraph and not (prev.code or unit.code)
+            out += (" " if same_line else "\n") + unit.text
     return out
 
 
@@ -86,7 +127,8 @@ def chunk_document(
         if current and (size + unit.tokens > target_tokens or (new_section and size >= min_tokens)):
             chunks.append(current)
             same_section = unit.section == current[-1].section
-            current = _overlap(current, overlap_tokens) if same_section else []
+            room = min(overlap_tokens, target_tokens - unit.tokens)  # the overlap never pushes a unit out of size
+            current = _overlap(current, room) if same_section else []
             size = sum(u.tokens for u in current)
         if current and unit.section != current[-1].section:
             heading = doc.sections[unit.section].headings[-1]
@@ -111,11 +153,11 @@ def chunk_document(
 
 
 def _overlap(chunk: list[_Unit], overlap_tokens: int) -> list[_Unit]:
-    """Trailing whole sentences of a chunk that fit in the overlap budget (never the whole chunk)."""
+    """Trailing whole sentences of a chunk that fit in the overlap budget (never the whole chunk, never code)."""
     tail: list[_Unit] = []
     total = 0
     for unit in reversed(chunk[1:]):
-        if total + unit.tokens > overlap_tokens:
+        if unit.code or total + unit.tokens > overlap_tokens:
             break
         tail.insert(0, unit)
         total += unit.tokens

@@ -1,6 +1,10 @@
-"""Reading a folder of documents into sections of paragraphs, skipping bad files with a reason.
+"""Reading a folder of documents into sections of clean paragraphs, skipping bad files with a reason.
 
 A `Section` is a heading path (e.g. ["Pump manual", "Maintenance", "Seals"]) and its paragraphs.
+Markup never reaches a paragraph: reStructuredText is rendered by docutils (`embedpipe.rst`),
+Markdown by markdown-it-py, HTML by BeautifulSoup. Code blocks are kept, because they matter for
+retrieval, but fenced so later steps can tell code from prose: a code paragraph is
+"```\n<code lines>\n```", and no line inside it starts with ``` (see `fence_code`).
 Every file found is either read or listed in the skipped report: nothing is dropped silently.
 """
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +20,31 @@ TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
 HTML_SUFFIXES = {".html", ".htm"}
 PDF_SUFFIXES = {".pdf"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
+
+CODE_FENCE = "```"
+"""The line before and after every code block inside passage text."""
+CODE_BLOCK = re.compile(r"^```\n.*?\n```$", re.MULTILINE | re.DOTALL)
+"""Finds the fenced code blocks in a passage (e.g. to keep them out of pseudo-queries)."""
+
+
+def fence_code(code: str) -> str:
+    """A code block as passage text: fence line, the code verbatim (tabs expanded, common indent and
+    trailing spaces removed), fence line. A code line starting with ``` gets a leading space, so a
+    line equal to the fence is always a fence. Empty code gives ""."""
+    lines = [line.rstrip() for line in textwrap.dedent(code.expandtabs(4)).splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        return ""
+    body = "\n".join(" " + line if line.startswith(CODE_FENCE) else line for line in lines)
+    return f"{CODE_FENCE}\n{body}\n{CODE_FENCE}"
+
+
+def is_code_block(paragraph: str) -> bool:
+    """True for a paragraph made by `fence_code`."""
+    return paragraph.startswith(CODE_FENCE + "\n") and paragraph.endswith("\n" + CODE_FENCE)
 
 
 class DocumentsError(ValueError):
@@ -116,7 +146,8 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _clean(text: str) -> str:
-    return re.sub(r"[ \t]+", " ", text).strip()
+    """One line of prose: every run of whitespace (newlines included) becomes one space."""
+    return " ".join(text.split())
 
 
 def _split_paragraphs(text: str) -> list[str]:
@@ -124,15 +155,21 @@ def _split_paragraphs(text: str) -> list[str]:
 
 
 class _SectionBuilder:
-    """Collects paragraphs under the current heading path."""
+    """Collects paragraphs and code blocks under the current heading path.
+
+    `label` is a prefix waiting for the next paragraph ("- " for a list item, "Note: " for an
+    admonition, "term: " for a definition), so a label and its text stay one paragraph.
+    """
 
     def __init__(self, title: str):
         self.title = title
         self.titled = False  # set once the document's own first heading has named it
         self.stack: list[tuple[int, str]] = []
         self.sections: list[Section] = [Section([title])]
+        self.label = ""
 
     def heading(self, level: int, text: str) -> None:
+        self.flush_label()
         text = _clean(text)
         if not text:
             return
@@ -146,66 +183,114 @@ class _SectionBuilder:
 
     def paragraph(self, text: str) -> None:
         text = _clean(text)
+        if text.startswith(CODE_FENCE):  # prose never starts a line with a fence (see `fence_code`)
+            text = text.lstrip("`").lstrip()
         if text:
-            self.sections[-1].paragraphs.append(text)
+            self.sections[-1].paragraphs.append(_clean(self.label + text))
+            self.label = ""
+
+    def code(self, text: str) -> None:
+        """A code block, kept verbatim between fence lines (see `fence_code`)."""
+        block = fence_code(text)
+        if block:
+            self.flush_label()
+            self.sections[-1].paragraphs.append(block)
+
+    def flush_label(self) -> None:
+        """A label with no paragraph to join (a list item opening with code) becomes its own line."""
+        label = self.label.strip()
+        self.label = ""
+        if label and label != "-":
+            self.sections[-1].paragraphs.append(label if label.endswith(":") else label + ":")
+
+
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.DOTALL)
 
 
 def _parse_markdown(text: str, title: str) -> list[Section]:
+    """Markdown (CommonMark + tables) through markdown-it-py's token stream: headings open sections,
+    list items become "- " paragraphs, table rows "a | b", fenced and indented code become code."""
+    from markdown_it import MarkdownIt
+
+    front = _FRONT_MATTER.match(text)
+    if front:  # YAML front matter is metadata, not text (and would parse as a rule and a heading)
+        text = text[front.end() :]
+        named = re.search(r"^title:\s*['\"]?(.+?)['\"]?\s*$", front.group(1), re.MULTILINE)
+        title = named.group(1) if named else title
     builder = _SectionBuilder(title)
-    block: list[str] = []
-    in_fence = False
+    tokens = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"]).parse(text)
+    heading_level = 0
+    row: list[str] | None = None
+    for token in tokens:
+        kind = token.type
+        if kind == "heading_open":
+            heading_level = int(token.tag[1])
+        elif kind == "heading_close":
+            heading_level = 0
+        elif kind == "list_item_open":
+            builder.flush_label()
+            builder.label = "- "
+        elif kind == "tr_open":
+            row = []
+        elif kind == "tr_close":
+            builder.paragraph(" | ".join(cell for cell in row or [] if cell))
+            row = None
+        elif kind in ("fence", "code_block"):
+            builder.code(token.content)
+        elif kind == "html_block":
+            _html_fragment(token.content, builder)
+        elif kind == "inline":
+            inline = _markdown_inline(token.children or [])
+            if heading_level:
+                builder.heading(heading_level, inline)
+            elif row is not None:
+                row.append(_clean(inline))
+            else:
+                builder.paragraph(inline)
+    return builder.sections
 
-    def flush() -> None:
-        if block:
-            for para in _split_paragraphs("\n".join(block)):
-                builder.paragraph(para)
-            block.clear()
 
-    for line in text.splitlines():
-        if line.strip().startswith("```"):
-            in_fence = not in_fence
-            continue
-        match = None if in_fence else re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
-        if match:
-            flush()
-            builder.heading(len(match.group(1)), match.group(2))
-        elif not in_fence and not line.strip():
-            flush()
-        else:
-            block.append(re.sub(r"^\s*([-*+]|\d+[.)])\s+", "- ", line) if not in_fence else line)
-    flush()
+def _markdown_inline(children: list) -> str:
+    """Visible text of an inline run: text, code spans and image alt text; markup and raw HTML dropped."""
+    parts = []
+    for child in children:
+        if child.type in ("text", "code_inline"):
+            parts.append(child.content)
+        elif child.type in ("softbreak", "hardbreak"):
+            parts.append(" ")
+        elif child.type == "image":
+            parts.append(_markdown_inline(child.children or []))
+    return "".join(parts)
+
+
+def _html_fragment(html: str, builder: _SectionBuilder) -> None:
+    """Raw HTML inside Markdown: its text (and its <pre> blocks as code), never its tags."""
+    from bs4 import BeautifulSoup, NavigableString
+
+    soup = BeautifulSoup(html, "lxml")
+    for tag in soup(["script", "style", "noscript", "template"]):
+        tag.decompose()
+    texts: list[str] = []
+    for node in soup.descendants:
+        if getattr(node, "name", None) == "pre":
+            builder.paragraph(" ".join(texts))
+            texts.clear()
+            builder.code(node.get_text())
+        elif type(node) is NavigableString and node.find_parent("pre") is None:
+            texts.append(node)
+    builder.paragraph(" ".join(texts))
+
+
+def _parse_rst(text: str, title: str) -> list[Section]:
+    """reStructuredText (Sphinx flavour) rendered by docutils: see `embedpipe.rst`."""
+    from embedpipe.rst import render_rst
+
+    builder = _SectionBuilder(title)
+    render_rst(text, builder)
     return builder.sections
 
 
 _UNDERLINE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")
-
-
-def _parse_rst(text: str, title: str) -> list[Section]:
-    """reStructuredText: a line underlined with = - ~ ^ is a heading; levels in order of appearance."""
-    builder = _SectionBuilder(title)
-    lines = text.splitlines()
-    levels: list[str] = []
-    block: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        nxt = lines[i + 1] if i + 1 < len(lines) else ""
-        if line.strip() and _UNDERLINE.match(nxt) and len(nxt.strip()) >= len(line.strip()) * 0.6:
-            for para in _split_paragraphs("\n".join(block)):
-                builder.paragraph(para)
-            block = []
-            char = nxt.strip()[0]
-            if char not in levels:
-                levels.append(char)
-            builder.heading(levels.index(char) + 1, line)
-            i += 2
-            continue
-        if not _UNDERLINE.match(line) and not line.strip().startswith(".. "):
-            block.append(line)
-        i += 1
-    for para in _split_paragraphs("\n".join(block)):
-        builder.paragraph(para)
-    return builder.sections
 
 
 def _parse_plain(text: str, title: str) -> list[Section]:
@@ -227,7 +312,7 @@ def _parse_plain(text: str, title: str) -> list[Section]:
 
 
 def _parse_html(text: str, title: str) -> list[Section]:
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, NavigableString
 
     soup = BeautifulSoup(text, "lxml")
     for tag in soup(["script", "style", "nav", "footer", "header", "noscript", "template", "aside"]):
@@ -236,16 +321,21 @@ def _parse_html(text: str, title: str) -> list[Section]:
     builder = _SectionBuilder(page_title or title)
     body = soup.body or soup
     for element in body.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "tr", "dt", "dd", "blockquote"]):
-        if element.find_parent(["li", "p", "pre", "tr", "blockquote"]) is not None:
+        if element.find_parent(["li", "p", "pre", "tr", "dt", "dd", "blockquote"]) is not None:
             continue  # its text is part of the enclosing block
         if element.name.startswith("h"):
             builder.heading(int(element.name[1]), element.get_text(" ", strip=True))
+        elif element.name == "pre":
+            builder.code(element.get_text())
         elif element.name == "tr":
             cells = [c.get_text(" ", strip=True) for c in element.find_all(["th", "td"])]
             builder.paragraph(" | ".join(c for c in cells if c))
-        else:
+        else:  # a text block: its prose, then the code blocks inside it (code never joins prose)
             prefix = "- " if element.name == "li" else ""
-            builder.paragraph(prefix + element.get_text(" ", strip=True))
+            prose = (t for t in element.find_all(string=True) if type(t) is NavigableString and not t.find_parent("pre"))
+            builder.paragraph(prefix + " ".join(t.strip() for t in prose))
+            for pre in element.find_all("pre"):
+                builder.code(pre.get_text())
     return builder.sections
 
 

@@ -12,8 +12,8 @@ model's name, so a fine-tuned model saved under the same path never hits the bas
 
 The store is a cache, not a pipeline output: DVC never sees it, deleting it only costs time. Its root is
 `$EMBEDPIPE_EMBED_CACHE` (default `cache/embeddings`; empty or `off` disables it). Every call appends a
-line to `<root>/encode_log.jsonl` (texts asked for, texts encoded, model, stage) so benchmarks and tests can
-count encodes per passage.
+line to `<root>/encode_log.jsonl` (texts asked for, texts encoded, model, stage, and `kind`: "passage",
+"query" or null, as the caller says) so benchmarks and tests can count encodes per passage.
 """
 
 from __future__ import annotations
@@ -227,13 +227,26 @@ def open_store(root: Path, fingerprint: str, max_seq_length: int | None, label: 
     return store
 
 
-def log_encodes(root: Path, label: str, fingerprint: str, requested: int, encoded: int) -> None:
-    """One line per call in `<root>/encode_log.jsonl`: how many texts were asked for and really encoded."""
+def log_encodes(root: Path, label: str, fingerprint: str, requested: int, encoded: int,
+                kind: str | None = None) -> None:
+    """One line per call in `<root>/encode_log.jsonl`: how many texts were asked for and really encoded.
+
+    `kind` ("passage" / "query") lets a benchmark count encodes per corpus passage without storing texts.
+    """
     root.mkdir(parents=True, exist_ok=True)
     line = {"time": round(time.time(), 3), "stage": os.environ.get("EMBEDPIPE_STAGE") or Path(sys.argv[0]).stem,
-            "model": label, "fingerprint": fingerprint[:24], "requested": requested, "encoded": encoded}
+            "model": label, "fingerprint": fingerprint[:24], "kind": kind, "requested": requested,
+            "encoded": encoded}
     with (root / "encode_log.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
+
+
+_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def encode_counts() -> dict[str, dict[str, int]]:
+    """Texts asked for and really encoded in this process, per model label: what a stage's summary reports."""
+    return {label: dict(c) for label, c in _COUNTS.items()}
 
 
 def read_encode_log(root: str | Path) -> list[dict[str, Any]]:
@@ -253,6 +266,7 @@ def encode_texts(
     label: str,
     desc: str = "encode",
     root: Path | None | str = "env",
+    kind: str | None = None,
 ) -> np.ndarray:
     """Vectors for `texts` (with `prompt` prepended by `encode_fn`), encoding only what the store lacks.
 
@@ -285,8 +299,11 @@ def encode_texts(
         row_of = {keys[i].tobytes(): n for n, i in enumerate(todo)}
         for i in np.flatnonzero(~hits):
             out[i] = fresh[row_of[keys[i].tobytes()]]
+    counts = _COUNTS.setdefault(label, {"requested": 0, "encoded": 0})
+    counts["requested"] += len(texts)
+    counts["encoded"] += len(todo)
     if root is not None:
-        log_encodes(root, label, fingerprint, len(texts), len(todo))
+        log_encodes(root, label, fingerprint, len(texts), len(todo), kind)
     if out is None:  # no texts at all
         return np.zeros((0, 0), dtype=np.float32)
     return out
@@ -312,6 +329,7 @@ def encode_cached(
     label: str | None = None,
     desc: str = "encode",
     root: Path | None | str = "env",
+    kind: str | None = None,
 ) -> np.ndarray:
     """`embedpipe.models.encode` through the store: the one way stages encode with a SentenceTransformer."""
     from embedpipe.models import encode
@@ -323,5 +341,5 @@ def encode_cached(
     return encode_texts(
         lambda chunk: encode(model, chunk, prompt=prompt, batch_size=batch_size),
         texts, prompt=prompt, fingerprint=model_fingerprint(model), max_seq_length=getattr(model, "max_seq_length", None),
-        label=name, desc=desc, root=root,
+        label=name, desc=desc, root=root, kind=kind,
     )

@@ -35,13 +35,21 @@ class Result:
     dimension: int
 
 
-def model_embedder(model: Any, query_prompt: str, passage_prompt: str, batch_size: int, progress: bool) -> Embedder:
-    """Wrap a SentenceTransformer so that queries and passages get their prompts (as in training)."""
-    from embedpipe.models import encode
+def model_embedder(
+    model: Any, query_prompt: str, passage_prompt: str, batch_size: int, progress: bool = False, label: str | None = None
+) -> Embedder:
+    """Wrap a SentenceTransformer so that queries and passages get their prompts (as in training).
+
+    Encoding goes through the embedding store (`embedpipe.embed_store`), so a text this model already
+    encoded (SDG and prep for the base model, an earlier eval) is read back instead of encoded again.
+    `progress` is accepted for older callers; the store prints progress lines with an ETA for long encodes.
+    """
+    from embedpipe.embed_store import encode_cached
 
     def embed(texts: list[str], kind: str) -> np.ndarray:
         prompt = query_prompt if kind == "query" else passage_prompt
-        return encode(model, texts, prompt=prompt, batch_size=batch_size, show_progress_bar=progress)
+        return encode_cached(model, texts, prompt, batch_size=batch_size, label=label, desc=f"eval: {kind}s",
+                             kind=kind)
 
     return embed
 

@@ -11,11 +11,9 @@ miner below it (the recipe's "95% of the lowest positive score", correct for neg
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -277,31 +275,6 @@ def mine(
         removed -= sum(int(sum(s > c for s in ps)) for ps, c in zip(pos_scores, ceiling, strict=True))
     short = sum(len(r) < k for r in neg_rows)
     return Mined(pos_scores, neg_rows, neg_scores, removed, candidates, short)
-
-
-# --- embeddings -------------------------------------------------------------------------------
-
-
-def embed_cached(model: Any, texts: list[str], prompt: str, *, model_name: str, max_seq_length: int | None,
-                 cache_dir: str | Path | None, batch_size: int = 32, show_progress_bar: bool = False) -> np.ndarray:
-    """Encode texts (embedpipe.models.encode), reusing an on-disk copy keyed by model, prompt, length and texts."""
-    from embedpipe.models import encode
-
-    path = None
-    if cache_dir:
-        h = hashlib.sha256(repr((model_name, prompt, max_seq_length, texts)).encode()).hexdigest()[:24]
-        path = Path(cache_dir) / f"{h}.npy"
-        if path.is_file():
-            emb = np.load(path)
-            if emb.shape[0] == len(texts):
-                return emb
-    emb = encode(model, texts, prompt=prompt, batch_size=batch_size, show_progress_bar=show_progress_bar)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, emb)
-        tmp.replace(path)
-    return emb
 
 
 # --- unrolling and formats ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from embedpipe.console import alert, console, summary, warn
+from embedpipe.embed_store import encode_counts
 from embedpipe.endpoint import EmbeddingEndpoint, EndpointError
 from embedpipe.evaluation import (
     HEADLINE,
@@ -195,7 +196,6 @@ def evaluate_local(
         model_cfg.get("query_prompt") or "",
         model_cfg.get("passage_prompt") or "",
         int(cfg["batch_size"]),
-        progress=sys.stderr.isatty(),
     )
     result = evaluate_embedder(label, embed, corpus, queries, qrels, k=int(cfg["top_k"]))
     del model
@@ -283,6 +283,10 @@ def run_models(
     rows: dict[str, Any] = {"queries": len(qrels), "passages": len(corpus)}
     for label, s in scores.items():
         rows.update({f"{label} {display_name(m)}": s[m] for m in (HEADLINE, "recall@10", "mrr@10")})
+    counts = encode_counts()
+    for label in results:
+        c = counts.get(names[label], {"requested": 0, "encoded": 0})
+        rows[f"{label} texts encoded"] = f"{c['encoded']} of {c['requested']} (the rest from the embedding store)"
     rows.update({"report": str(out / "report.md"), "wall time (s)": f"{time.time() - started:.1f}"})
     summary("eval", rows)
     if regression:

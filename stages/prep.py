@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from embedpipe.console import summary, warn
+from embedpipe.embed_store import encode_cached, encode_counts
 from embedpipe.io import FormatError, load_corpus, passage_text, read_jsonl, write_beir, write_json, write_jsonl
 from embedpipe.mining import (
     GROUP_BY,
@@ -17,7 +18,6 @@ from embedpipe.mining import (
     PrepError,
     beir_test_set,
     clean_questions,
-    embed_cached,
     mine,
     split_questions,
     unroll,
@@ -90,13 +90,16 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         model = load_model(mcfg["base_model"], mcfg.get("device"), mcfg.get("max_seq_length"))
     except ModelNotAvailable as e:
         raise click.ClickException(str(e)) from None
-    cache_dir = cfg.get("cache_dir") or None
-    common = dict(model_name=mcfg["base_model"], max_seq_length=mcfg.get("max_seq_length"), cache_dir=cache_dir,
-                  batch_size=int(cfg.get("batch_size", 32)), show_progress_bar=True)
+    if cfg.get("cache_dir"):
+        warn("prep.cache_dir is no longer used: base-model vectors live in the shared embedding store "
+             "($EMBEDPIPE_EMBED_CACHE, default cache/embeddings); remove the key from params.yaml")
+    batch_size = int(cfg.get("batch_size", 32))
     t0 = time.time()
-    corpus_emb = embed_cached(model, [passage_text(corpus[p]) for p in train_ids], mcfg.get("passage_prompt", ""),
-                              **common)
-    query_emb = embed_cached(model, [q["question"] for q in mined_qs], mcfg.get("query_prompt", ""), **common)
+    # Through the embedding store: passages SDG's retrieval gate already encoded with the base model are reused.
+    corpus_emb = encode_cached(model, [passage_text(corpus[p]) for p in train_ids], mcfg.get("passage_prompt", ""),
+                               batch_size=batch_size, desc="mining: passages", kind="passage")
+    query_emb = encode_cached(model, [q["question"] for q in mined_qs], mcfg.get("query_prompt", ""),
+                              batch_size=batch_size, desc="mining: questions", kind="query")
     encode_s = time.time() - t0
     t0 = time.time()
     mined = mine(
@@ -156,6 +159,8 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
             rows.update({f"{key} {name}": n for name, n in value.items()})
         elif value is not None:
             rows[key] = value
+    c = encode_counts().get(model._embedpipe_name, {"requested": 0, "encoded": 0})
+    rows["texts encoded"] = f"{c['encoded']} of {c['requested']} (the rest from the embedding store)"
     summary("prep", rows)
 
 

@@ -11,7 +11,6 @@ with `extra_body={"input_type": "query"}` for queries.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -42,12 +41,11 @@ def main(params_path, model_dir, backend, variant, device, torch_model, model_na
     """Serve POST /v1/embeddings (OpenAI + NIM fields), /v1/models, /v1/health/{live,ready} and /metrics.
 
     Requests without input_type get serve.default_input_type's prompt; truncate defaults to
-    serve.default_truncate. Stops cleanly on SIGTERM / Ctrl-C.
+    serve.default_truncate. On SIGTERM / Ctrl-C, work in flight gets serve.drain_timeout_s to finish; the
+    exit code is 1 if any accepted request had to be answered 503 instead.
     """
-    import uvicorn
-
     from embedpipe.onnx_encoder import ExportNotFound, OnnxEncoder, TorchEncoder, read_export_config
-    from embedpipe.server import ServerSettings, create_app
+    from embedpipe.server import ServerSettings, create_app, run_server
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")
@@ -86,14 +84,21 @@ def main(params_path, model_dir, backend, variant, device, torch_model, model_na
     settings = ServerSettings(
         model_name=model_name or cfg.get("model_name") or encoder.name,
         max_batch_size=max_batch_size or cfg["max_batch_size"],
+        max_batch_tokens=cfg["max_batch_tokens"],
         max_wait_ms=cfg["max_wait_ms"] if max_wait_ms is None else max_wait_ms,
         max_inputs_per_request=cfg["max_inputs_per_request"],
         max_tokens_per_input=cfg["max_tokens_per_input"],
+        max_chars_per_token=cfg["max_chars_per_token"],
         max_payload_bytes=int(cfg["max_payload_mb"] * 2**20),
+        max_queued_inputs=cfg["max_queued_inputs"],
+        max_concurrent_requests=cfg["max_concurrent_requests"],
+        read_timeout_s=cfg["read_timeout_s"],
+        drain_timeout_s=cfg["drain_timeout_s"],
         default_input_type=cfg["default_input_type"],
         default_truncate=cfg["default_truncate"],
         encode_batch_size=cfg["encode_batch_size"],
         api_key=api_key,
+        docs_enabled=bool(cfg["docs_enabled"]),
     )
     host = host or cfg["host"]
     port = port or cfg["port"]
@@ -101,10 +106,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, model_na
         warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
     console.print(f"serving '{settings.model_name}' ({backend} {encoder.variant}, {encoder.device}) on "
                   f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting 0 then tells supervisors it was clean.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.run(create_app(encoder, settings), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    sys.exit(run_server(create_app(encoder, settings), settings, host, port, log_level))
 
 
 if __name__ == "__main__":

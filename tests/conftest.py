@@ -15,6 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedding_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test and every stage it starts uses a scratch embedding store, never the developer's cache/embeddings.
+
+    Set before any module-scoped fixture runs a stage (session fixtures come first); tests that count
+    encodes point EMBEDPIPE_EMBED_CACHE at their own folder.
+    """
+    from embedpipe.embed_store import STORE_ENV
+
+    root = tmp_path_factory.mktemp("embed_store")
+    os.environ[STORE_ENV] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

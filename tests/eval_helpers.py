@@ -61,14 +61,16 @@ def write_params(path: Path, **eval_overrides: Any) -> Path:
     return path
 
 
-def run_stage(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_stage(
+    *args: str, cwd: Path | None = None, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run stages/eval.py as a real subprocess (exit codes and stderr as a user sees them)."""
     from conftest import stage_env
 
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "stages" / "eval.py"), *args],
         cwd=cwd or REPO_ROOT,
-        env={**stage_env(), "COLUMNS": "200"},
+        env={**stage_env(), "COLUMNS": "200", **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -12,7 +12,7 @@ import pytest
 from conftest import stage_env
 
 from embedpipe.chunking import chunk_document, passage_id, token_counter
-from embedpipe.documents import Document, DocumentsError, discover, read_document
+from embedpipe.documents import Document, DocumentsError, discover, fence_code, is_code_block, read_document
 from embedpipe.models import ModelNotAvailable, load_model, resolve_model
 
 
@@ -186,3 +186,150 @@ def test_pdf_text_is_read_and_a_broken_pdf_is_skipped(tmp_path: Path, counter):
     assert "rated at 10 bar" in records[0]["text"] and "500 hours" in records[0]["text"]
     skipped = read_document(tmp_path / "broken.pdf", tmp_path, 10**6)
     assert not isinstance(skipped, Document) and "PDF" in skipped.reason
+
+
+# --- clean text: markup rendered away, code fenced (see embedpipe.documents.fence_code) -----------------
+
+MARKUP = Path(__file__).parent / "data" / "markup"
+
+
+def _paragraphs(doc: Document) -> list[str]:
+    return [p for s in doc.sections for p in s.paragraphs]
+
+
+def _prose(doc: Document) -> str:
+    return "\n".join(p for p in _paragraphs(doc) if not is_code_block(p))
+
+
+def test_rst_is_rendered_to_clean_text_with_sphinx_roles_and_directives(tmp_path: Path, monkeypatch, capfd):
+    (tmp_path / "csv.rst").write_text((MARKUP / "csv.rst").read_text())
+    (tmp_path / "secret.txt").write_text("TOPSECRET must never be read through include, raw or csv-table")
+    monkeypatch.chdir(tmp_path)  # where a relative `.. include:: secret.txt` would find the file
+    doc = read_document(tmp_path / "csv.rst", tmp_path, 10**6)
+    assert isinstance(doc, Document), doc
+    prose = _prose(doc)
+    paragraphs = _paragraphs(doc)
+
+    assert [s.headings for s in doc.sections] == [["csv --- CSV File I/O"], ["csv --- CSV File I/O", "Module contents"]]
+    # roles: the visible text only; `text <target>` gives the text, `~a.b` gives b, unknown roles too
+    assert paragraphs[0] == (
+        "The csv module's writerow method writes one row. Put the package name in setup.py, read the dialect "
+        "notes, call reader, set CSV_STRICT and look up dialect. An unknown role shows its text: visible words."
+    )
+    for markup in (":meth:", ":file:", ":frob:", "``", "::", ".. ", "`", "*", "|undefined", "orphan", "synopsis"):
+        assert markup not in prose, markup
+    assert "toctree-entry" not in prose and "csv-module" not in prose and "html" not in paragraphs
+    # code: `::` blocks, code-block and signatures are fenced, verbatim with their indentation
+    assert "A literal block follows:" in paragraphs
+    assert (
+        "```\nimport csv\nwith open('eggs.csv', newline='') as f:\n    csv.writer(f).writerow(['Spam', 'Eggs'])\n```"
+        in paragraphs
+    )
+    assert "```\ndef sniff(sample):\n    return Sniffer().sniff(sample)\n```" in paragraphs
+    assert "```\nclass Dialect(delimiter=',')\n```" in paragraphs
+    # version notes and admonitions are prose with their label
+    for expected in (
+        "New in version 3.1: The strict attribute.", "Changed in version 3.2: delimiter must be one character.",
+        "Deprecated since version 4.0.", "Note: Open files with newline=''.", "Warning: Never trust the input.",
+        "See also: PEP 305 - CSV File API", "- first item with inline code", "- second item",
+        "dialect: A set of formatting parameters.", "Parameter | Default", "delimiter | ,",
+        "The body of a directive nobody knows survives, with Writer rendered.",
+        "Broken markup and unterminated and an undefined substitution.", "Escapes join words: many Dialects exist.",
+        "Shown only in HTML builds, kept here.",
+        "Deprecated since version 3.4, will be removed in version 3.6: Use writer().",
+    ):
+        assert expected in paragraphs, expected
+    # no file is ever read, and docutils says nothing
+    assert all("TOPSECRET" not in p for p in paragraphs)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_broken_rst_keeps_its_text_without_error_messages():
+    from embedpipe.documents import _parse_rst
+
+    text = (
+        "Title\n=====\n\nBad table:\n\n+---+---+\n| a | b\n+---+\n\n.. unknown-thing::\n\n   body words\n\n"
+        ".. code-block::\n\n.. image:: nowhere.png\n\nA `link <broken\n\n* list\n  without blank\n*  line\n\n"
+        "Section\n---\n\n.. [#] orphan footnote\n\nTitle\n=====\n"
+    )
+    sections = _parse_rst(text, "fallback")
+    text_out = " ".join(p for s in sections for p in s.paragraphs)
+    assert "body words" in text_out and "a b" in text_out  # the words of a malformed table are kept
+    for noise in ("ERROR", "WARNING", "System Message", "Unknown directive", "Malformed table", "docutils"):
+        assert noise not in text_out, noise
+
+
+def test_markdown_is_parsed_with_fenced_and_indented_code():
+    doc = read_document(MARKUP / "guide.md", MARKUP, 10**6)  # front matter is metadata: not text, not a heading
+    assert [s.headings for s in doc.sections] == [["Kettle guide"], ["Kettle guide", "Install"]]
+    assert _paragraphs(doc) == [
+        "Intro with inline code, a link and bold text.",
+        "```\n# not a heading: a comment inside code\npip install kettle\n```",
+        "```\nindented code\n  keeps its indent\n```",
+        "- Fill the kettle.",
+        "- Press START.",
+        "Model | Litres",
+        "K1 | 1.7",
+        "Raw HTML block.",
+        "```\ntilde fence\n```",
+    ]
+
+
+def test_html_pre_follows_the_code_convention():
+    doc = read_document(MARKUP / "page.html", MARKUP, 10**6)
+    assert _paragraphs(doc) == [
+        "Call grind() to start.",
+        "```\ndef grind(setting):\n    if setting > 40:\n        raise ValueError(setting)\n```",
+        "After the code.",
+        "stop()",
+        "Stops the grinder.",  # once: the <p> inside the <dd> is not read a second time
+        "```\ngrinder.stop()\n```",
+    ]
+
+
+def test_a_code_line_that_looks_like_a_fence_is_indented():
+    block = fence_code("\n\tprint('x')\n\t```\n\t```python\n\n")  # tabs expanded, common indent removed
+    assert block == "```\nprint('x')\n ```\n ```python\n```"
+    assert is_code_block(block) and [line for line in block.split("\n") if line == "```"] == ["```", "```"]
+    assert fence_code(" \n\n") == "" and not is_code_block("``` inline ```")
+
+
+def _fences_balanced(text: str) -> bool:
+    """Every fence opens then closes, and no passage starts or ends inside a block."""
+    inside = False
+    for line in text.split("\n"):
+        if line == "```":
+            inside = not inside
+    return not inside
+
+
+def test_chunks_never_cut_a_code_block_that_fits(counter):
+    from embedpipe.documents import Section
+
+    code = fence_code("\n".join(f"value_{i} = compute({i}, retries=3)" for i in range(3)))
+    prose = [f"Sentence {i} explains how the HX-{i} pump reads its configuration file." for i in range(8)]
+    doc = Document("x.md", [Section(["X", "Config"], [" ".join(prose[:5]), code, " ".join(prose[5:])])])
+    n_code = counter(code)
+    assert 30 < n_code < 64
+    for target in (64, 80, 100, 130):
+        records = chunk_document(doc, counter, target_tokens=target, overlap_tokens=16, min_tokens=10)
+        holders = [r["text"] for r in records if "```" in r["text"]]
+        assert len(holders) == 1 and code in holders[0], target  # whole, exactly once
+        assert all(_fences_balanced(r["text"]) for r in records)
+        assert all(counter(r["text"]) <= target + 16 for r in records)
+
+
+def test_a_code_block_longer_than_a_passage_is_cut_into_fenced_pieces(counter):
+    from embedpipe.documents import Section
+
+    lines = [f"    step_{i} = pipeline.run(stage={i}, workers=4)" for i in range(40)]
+    doc = Document("x.md", [Section(["X", "Long code"], ["Intro sentence.", fence_code("def main():\n" + "\n".join(lines))])])
+    records = chunk_document(doc, counter, target_tokens=60, overlap_tokens=10, min_tokens=10)
+    pieces = [r["text"][r["text"].index("```") :] for r in records if "```" in r["text"]]
+    assert len(pieces) > 3
+    for piece in pieces:
+        assert is_code_block(piece) and _fences_balanced(piece)
+        assert counter(piece) <= 60
+    body = [line for piece in pieces for line in piece.split("\n") if line != "```"]
+    assert body == ["def main():", *lines]  # every line, in order, exactly once

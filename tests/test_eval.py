@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from eval_helpers import TINY_QUERIES, make_tiny_beir, run_stage, write_params
 
+from embedpipe.embed_store import STORE_ENV, read_encode_log
 from embedpipe.evaluation import (
     compare_with_reference,
     comparison_line,
@@ -154,9 +155,32 @@ def full_run(tmp_path_factory, tiny_corpus_path, finetuned_copy):
     metrics = work / "metrics" / "eval.json"
     proc = run_stage(
         "--params", str(params), "--beir-dir", str(beir), "--finetuned", str(finetuned_copy),
-        "--out-dir", str(work / "out"), "--metrics", str(metrics),
+        "--out-dir", str(work / "out"), "--metrics", str(metrics), env={STORE_ENV: str(work / "store")},
     )  # fmt: skip
     return proc, work, beir, metrics
+
+
+def test_eval_reads_its_vectors_back_from_the_store(full_run, finetuned_copy):
+    """A second eval (same models, same test set) encodes nothing; a saved copy of the base model is the same
+    model (same weights and tokenizer), so even the first run encoded the test set only once."""
+    proc, work, beir, metrics_path = full_run
+    assert proc.returncode == 0, proc.stderr
+    first = read_encode_log(work / "store")
+    assert {(r["model"], r["kind"]) for r in first} == {
+        (m, k) for m in ("all-MiniLM-L6-v2", str(finetuned_copy)) for k in ("passage", "query")
+    }
+    assert len({r["fingerprint"] for r in first}) == 1
+    passages = sum(r["encoded"] for r in first if r["kind"] == "passage")
+    assert passages == 21 and sum(r["encoded"] for r in first if r["kind"] == "query") == len(TINY_QUERIES)
+    assert "finetuned texts encoded" in proc.stdout + proc.stderr
+    again = run_stage(
+        "--params", str(work / "params.yaml"), "--beir-dir", str(beir), "--finetuned", str(finetuned_copy),
+        "--out-dir", str(work / "out2"), "--metrics", str(work / "eval2.json"), env={STORE_ENV: str(work / "store")},
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    second = read_encode_log(work / "store")[len(first):]
+    assert len(second) == 4 and all(r["encoded"] == 0 for r in second)
+    assert json.loads((work / "eval2.json").read_text()) == json.loads(metrics_path.read_text())
 
 
 def test_full_run_writes_every_output(full_run, minilm):

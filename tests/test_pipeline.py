@@ -18,12 +18,16 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
+from embedpipe.embed_store import STORE_ENV, read_encode_log
+
 # Small everywhere: a handful of documents, LLM-free questions, two training steps.
 TINY_OVERRIDES: dict[str, Any] = {
     "chunk": {"docs_dir": "docs", "target_tokens": 48, "overlap_tokens": 0, "min_tokens": 16},
     "sdg": {"llm": {"enabled": False}, "gates": {"retrieval": {"top_k": 10}}},
-    "prep": {"val_min": 3, "cache_dir": ""},
-    "finetune": {"max_steps": 2, "cpu": {"max_seq_length": 64, "passages_per_query": 2, "epochs": 1}},
+    "prep": {"val_min": 3},
+    # No warmup: the first step really moves the weights, so the fine-tuned model differs from the base one.
+    "finetune": {"max_steps": 2, "warmup_ratio": 0.0,
+                 "cpu": {"max_seq_length": 64, "passages_per_query": 2, "epochs": 1}},
     "export": {"fp16": False, "min_parity_texts": 10},
 }
 PIPELINE = ["chunk", "sdg", "prep", "finetune", "eval", "export", "deploy_check", "report"]
@@ -37,7 +41,9 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def sh(args: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(cwd))
+    # The embedding store where a user's run keeps it (the workspace's cache/, git-ignored), never the developer's.
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(cwd),
+               **{STORE_ENV: str(cwd / "cache" / "embeddings")})
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -86,6 +92,33 @@ def test_every_stage_ran_and_wrote_its_outputs(project: Path):
     assert json.loads((project / "metrics/serve_eval.json").read_text())["passed"] is True
     report = (project / "metrics/report.md").read_text()
     assert "ndcg@10" in report and "Deployed endpoint check" in report
+
+
+def test_each_passage_is_encoded_at_most_once_per_model(project: Path):
+    """From the encode log of the whole run: per model (fingerprint), every corpus passage encoded exactly once."""
+    log = read_encode_log(project / "cache" / "embeddings")
+    passages = len((project / "data/chunks/corpus.jsonl").read_text().splitlines())
+    per_model: dict[str, int] = {}
+    for r in log:
+        if r["kind"] == "passage":
+            per_model[r["fingerprint"]] = per_model.get(r["fingerprint"], 0) + r["encoded"]
+    assert per_model and all(n <= passages for n in per_model.values()), (per_model, passages)
+    by_stage_model = {(r["stage"], r["model"]) for r in log}
+    assert {("prep", "all-MiniLM-L6-v2"), ("eval", "all-MiniLM-L6-v2"), ("eval", "models/finetuned"),
+            ("export", "models/finetuned"), ("deploy_check", "models/finetuned")} <= by_stage_model
+    # eval encodes the whole test corpus (= every passage) with both models: each exactly once in all.
+    model_fp = {}
+    for label in ("all-MiniLM-L6-v2", "models/finetuned"):
+        fingerprints = {r["fingerprint"] for r in log if r["model"] == label and r["stage"] != "finetune"}
+        assert len(fingerprints) == 1, (label, fingerprints)  # loaded the same way everywhere: one store entry
+        model_fp[label] = fingerprints.pop()
+        assert per_model[model_fp[label]] == passages, label
+    if json.loads((project / "metrics/train.json").read_text())["saved_model"] == "finetuned":
+        assert model_fp["all-MiniLM-L6-v2"] != model_fp["models/finetuned"]  # new weights never hit the base's vectors
+    # Export's torch reference and deploy_check's reference sample are read back, never encoded again.
+    assert all(r["encoded"] == 0 for r in log if r["stage"] in ("export", "deploy_check")), log
+    serve = json.loads((project / "metrics/serve_eval.json").read_text())
+    assert serve["check"] == "sample+full" and serve["vector_check"]["passed"]
 
 
 def test_second_repro_does_nothing(project: Path):

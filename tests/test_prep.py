@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import stage_env
 
+from embedpipe.embed_store import STORE_ENV, read_encode_log
 from embedpipe.io import load_beir, load_corpus, read_json, read_jsonl
 from embedpipe.mining import clean_questions, margin_ceiling, mine, split_questions
 
@@ -91,28 +92,34 @@ def test_clean_questions_drops_unknown_segments(tiny_corpus_path):
 # --- the stage end to end, as a subprocess ----------------------------------------------------
 
 
-def _run_stage(repo_root: Path, tmp: Path, corpus: Path, qa: Path, extra: str = "") -> tuple[Path, Path]:
+def _run_stage(repo_root: Path, tmp: Path, corpus: Path, qa: Path, store: Path, extra: str = "") -> tuple[Path, Path]:
     params = tmp / "params.yaml"
     params.write_text(
         "model: {base_model: all-MiniLM-L6-v2, query_prompt: '', passage_prompt: '', max_seq_length: 128,"
         " device: cpu}\n"
         f"prep: {{seed: 7, test_fraction: 0.2, group_by: document, val_fraction: 0.1, val_min: 3, num_negatives: 5,"
-        f" margin_mode: relative, relative_margin: 0.05, cache_dir: '{tmp / 'cache'}'{extra}}}\n"
+        f" margin_mode: relative, relative_margin: 0.05{extra}}}\n"
     )
     out, metrics = tmp / "prep", tmp / "prep.json"
     proc = subprocess.run(
         [sys.executable, "stages/prep.py", "--params", str(params), "--corpus", str(corpus), "--qa", str(qa),
          "--out", str(out), "--metrics", str(metrics)],
-        cwd=repo_root, env=stage_env(), capture_output=True, text=True, timeout=300,
+        cwd=repo_root, env={**stage_env(), STORE_ENV: str(store)}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, metrics
 
 
 @pytest.fixture(scope="module")
-def two_runs(repo_root, tiny_corpus_path, tmp_path_factory):
-    a = _run_stage(repo_root, tmp_path_factory.mktemp("a"), tiny_corpus_path, QA)
-    b = _run_stage(repo_root, tmp_path_factory.mktemp("b"), tiny_corpus_path, QA)
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prep_store")
+
+
+@pytest.fixture(scope="module")
+def two_runs(repo_root, tiny_corpus_path, tmp_path_factory, store):
+    """Two runs in different folders sharing one embedding store: the second one reads every vector back."""
+    a = _run_stage(repo_root, tmp_path_factory.mktemp("a"), tiny_corpus_path, QA, store)
+    b = _run_stage(repo_root, tmp_path_factory.mktemp("b"), tiny_corpus_path, QA, store)
     return a, b
 
 
@@ -122,6 +129,20 @@ def test_same_seed_byte_identical(two_runs):
     assert len(files) == 6
     for rel in files:
         assert (out_a / rel).read_bytes() == (out_b / rel).read_bytes(), rel
+
+
+def test_second_run_reads_every_vector_from_the_store(two_runs, store, tiny_corpus_path):
+    (_, metrics_a), _ = two_runs
+    log = read_encode_log(store)
+    assert [(r["stage"], r["kind"]) for r in log] == [("prep", "passage"), ("prep", "query")] * 2
+    first, second = log[:2], log[2:]
+    m = read_json(metrics_a)
+    mined_passages = m["passages"] - m["passages_excluded_from_mining"]
+    assert first[0]["requested"] == first[0]["encoded"] == mined_passages  # unique passages: each encoded once
+    assert first[1]["encoded"] > 0 and first[1]["model"] == "all-MiniLM-L6-v2"
+    assert [r["requested"] for r in second] == [r["requested"] for r in first]
+    assert [r["encoded"] for r in second] == [0, 0]  # and test_same_seed_byte_identical: same outputs
+    assert len({r["fingerprint"] for r in log}) == 1
 
 
 def test_end_to_end_leak_free_and_formats(two_runs, tiny_corpus_path):

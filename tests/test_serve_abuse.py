@@ -1,0 +1,449 @@
+"""The embeddings server under abuse (issue 11): each defect's exact request against the real server process.
+
+One server process for the module (payload 8 MB, 128 inputs, a short read timeout); the SIGTERM test, last,
+stops it. Big requests are sent with short client timeouts: closing them also exercises the
+"skip work for clients that left" path, and keeps this file's run time small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import yaml
+
+from embedpipe.server import ServerProcess
+from tests.serve_helpers import API_KEY, API_KEY_ENV, make_session_export
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+LONG_INPUT = "word " * 300  # > 256 tokens: a full-length row
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_corpus_path):
+    return make_session_export(tmp_path_factory.mktemp("export"), tiny_corpus_path)
+
+
+@pytest.fixture(scope="module")
+def abuse_params(exported, tmp_path_factory):
+    params = yaml.safe_load((exported / "params.yaml").read_text())
+    params["serve"].update(max_payload_mb=8, max_inputs_per_request=128, max_queued_inputs=200, read_timeout_s=2,
+                           drain_timeout_s=1, max_wait_ms=5)
+    path = tmp_path_factory.mktemp("abuse") / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(abuse_params, repo_root):
+    from conftest import stage_env
+
+    with ServerProcess(["--params", str(abuse_params)], cwd=str(repo_root),
+                       env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
+        yield proc
+
+
+def root(server) -> str:
+    return server.base_url.removesuffix("/v1")
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{root(server)}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text[:500]
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+    assert error["message"] and "Traceback" not in error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+@contextmanager
+def liveness(server) -> Iterator[list[float]]:
+    """Polls /v1/health/live every 50 ms meanwhile; yields the list of latencies (worst checked by callers)."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                assert client.get(f"{server.base_url}/health/live").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        thread.join()
+
+
+def send_and_abandon(server, body: bytes, seconds: float) -> None:
+    """POST `body` and close the connection after `seconds` without reading the answer."""
+    try:
+        httpx.post(f"{server.base_url}/embeddings", content=body, headers=AUTH, timeout=seconds)
+    except httpx.TimeoutException:
+        pass
+
+
+# --- 1. one large request must not freeze the server -------------------------------------------------------
+
+
+def test_huge_single_input_is_cut_off_the_loop(server):
+    huge = json.dumps({"input": "hello " * 1_380_000}).encode()  # 7.9 MB, under the 8 MB payload limit
+    assert len(huge) < 8 * 2**20
+    with liveness(server) as lat:
+        ok = httpx.post(f"{server.base_url}/embeddings", content=huge, headers=AUTH, timeout=60)
+        refused = httpx.post(f"{server.base_url}/embeddings", headers=AUTH, timeout=60,
+                             content=huge[:-1] + b', "truncate": "NONE"}')
+    assert ok.status_code == 200 and ok.json()["usage"]["total_tokens"] == 256  # cut at the token limit
+    assert_openai_error(refused, 400, "context_length_exceeded")
+    assert lat and max(lat) < 1.0, max(lat)
+
+
+def test_128_inputs_of_60kb_keep_health_and_small_requests_answered(server):
+    body = json.dumps({"input": ["word " * 12_000] * 128}).encode()  # 128 x 60 KB = 7.7 MB
+    before = metric(server, "embed_cancelled_inputs_total")
+    with liveness(server) as lat:
+        big = threading.Thread(target=send_and_abandon, args=(server, body, 6.0))
+        big.start()
+        time.sleep(3)  # the big request is being computed in chunks now
+        start = time.perf_counter()
+        small = httpx.post(f"{server.base_url}/embeddings", json={"input": "a small request"}, headers=AUTH,
+                           timeout=60)
+        small_s = time.perf_counter() - start
+        big.join()
+        refused = httpx.post(f"{server.base_url}/embeddings", headers=AUTH, timeout=60,
+                             content=body[:-1] + b', "truncate": "NONE"}')
+    assert small.status_code == 200 and small_s < 20, small_s  # not behind all 32,768 tokens of the big one
+    assert_openai_error(refused, 400, "context_length_exceeded")
+    assert max(lat) < 1.0, max(lat)
+    deadline = time.monotonic() + 10  # the abandoned big request's rows are skipped, not computed
+    while metric(server, "embed_cancelled_inputs_total") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server, "embed_cancelled_inputs_total") > before
+    assert metric(server, "embed_queue_inputs") == 0
+
+
+# --- 2. cancelled work is skipped, the queue is bounded -----------------------------------------------------
+
+
+def test_disconnected_clients_work_is_skipped(server):
+    body = json.dumps({"input": [LONG_INPUT] * 16}).encode()
+    computed = metric(server, "embed_batch_size_sum")
+    with liveness(server) as lat, ThreadPoolExecutor(20) as pool:
+        list(pool.map(lambda _: send_and_abandon(server, body, 0.5), range(20)))  # 20 x 16 inputs, closed at once
+        time.sleep(1.5)
+        start = time.perf_counter()
+        normal = httpx.post(f"{server.base_url}/embeddings", json={"input": "after the storm"}, headers=AUTH,
+                            timeout=60)
+        normal_s = time.perf_counter() - start
+    assert normal.status_code == 200 and normal_s < 10, normal_s
+    assert metric(server, "embed_batch_size_sum") - computed < 160  # far fewer than the 320 sent (+1 normal)
+    assert max(lat) < 1.0, max(lat)
+    text = httpx.get(f"{root(server)}/metrics", timeout=10).text
+    assert 'embed_requests_total{path="/v1/embeddings",status="499"}' in text
+
+
+def test_full_queue_answers_429_with_retry_after(server):
+    body = json.dumps({"input": [LONG_INPUT] * 128}).encode()
+    first = threading.Thread(target=send_and_abandon, args=(server, body, 8.0))
+    first.start()
+    deadline = time.monotonic() + 6
+    while metric(server, "embed_queue_inputs") < 100 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with liveness(server) as lat:
+        second = httpx.post(f"{server.base_url}/embeddings", content=body, headers=AUTH, timeout=30)
+    first.join()
+    error = assert_openai_error(second, 429, "queue_full")
+    assert error["type"] == "rate_limit_error" and int(second.headers["retry-after"]) >= 1
+    assert max(lat) < 1.0
+
+
+# --- 4, 6. metrics: bounded labels, 500s and aborted uploads counted right ----------------------------------
+
+
+def raw_request(server, data: bytes, read: bool = True, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
+        s.sendall(data)
+        if not read:
+            return b""
+        return read_until_closed(s)
+
+
+def test_junk_paths_do_not_grow_metrics(server):
+    size = len(httpx.get(f"{root(server)}/metrics", timeout=10).text)
+    for i in range(100):
+        path = f"/x{i}-{'a' * 1000}" if i % 2 else f"/v1/x{i}-{'b' * 1000}"
+        answer = raw_request(server, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n"
+                                     "Connection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 413" if i % 2 else b"HTTP/1.1 401"), answer[:100]
+    text = httpx.get(f"{root(server)}/metrics", timeout=10).text
+    assert len(text) - size < 2000 and "aaaa" not in text and "bbbb" not in text
+    assert set(re.findall(r'path="([^"]*)"', text)) <= {"other", "/v1/embeddings", "/v1/health/live", "/metrics",
+                                                        "/v1/health/ready", "/v1/models", "/v1/models/{model_id:path}"}
+
+
+def test_aborted_uploads_are_499_not_400(server):
+    def count(status: str) -> float:
+        return metric(server, f'embed_requests_total{{path="/v1/embeddings",status="{status}"}}')
+
+    before_400, before_499 = count("400"), count("499")
+    for _ in range(10):
+        raw_request(server, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
+                    + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"input\": \"hal", read=False)
+    deadline = time.monotonic() + 5
+    while count("499") < before_499 + 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count("499") == before_499 + 10 and count("400") == before_400
+
+
+# --- 7. slow uploads are timed out --------------------------------------------------------------------------
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_slow_bodies_and_headers_are_timed_out(server):
+    baseline = open_fds(server.proc.pid)
+    head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"input\":")
+    bodies = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(50)]
+    headers = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(10)]
+    try:
+        for s in bodies:
+            s.sendall(head)
+        for s in headers:
+            s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.5)
+        assert open_fds(server.proc.pid) >= baseline + 50
+        with liveness(server) as lat:
+            start = time.perf_counter()
+            answers = [read_until_closed(s) for s in bodies]  # read_timeout_s is 2 here
+            closed = [read_until_closed(s) for s in headers]
+            waited = time.perf_counter() - start
+        # a JSON 408, then the server closes the connection (read_until_closed returned)
+        assert all(a.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in a for a in answers), answers[0]
+        assert all(c == b"" for c in closed) and waited < 6
+        assert max(lat) < 1.0
+    finally:
+        for s in bodies + headers:
+            s.close()
+    deadline = time.monotonic() + 5
+    while open_fds(server.proc.pid) > baseline + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds(server.proc.pid) <= baseline + 2
+
+
+# --- 9. security details ------------------------------------------------------------------------------------
+
+
+def test_docs_are_off_and_trailing_slash_is_not_redirected(server):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert_openai_error(httpx.get(f"{root(server)}{path}", timeout=10), 404, "not_found")
+    response = httpx.post(f"{server.base_url}/embeddings/", json={"input": "x"}, timeout=10,
+                          headers=AUTH | {"Host": "evil.example.com"})
+    assert_openai_error(response, 404, "not_found")
+    assert "location" not in response.headers
+
+
+# --- 3, 8, fuzz: malformed requests, table-driven ----------------------------------------------------------
+
+J = "application/json"
+FUZZ: list[tuple[str, str, str, dict[str, str] | None, bytes, int, str | None]] = [
+    # name, method, path, headers (None: no key), body, expected status, expected error code
+    ("lone surrogate", "POST", "/v1/embeddings", {}, rb'{"input": "abc \ud800 def"}', 400, "invalid_value"),
+    ("lone low surrogate in list", "POST", "/v1/embeddings", {}, rb'{"input": ["ok", "\udfff"]}', 400,
+     "invalid_value"),
+    ("raw surrogate bytes", "POST", "/v1/embeddings", {}, b'{"input": "abc \xed\xa0\x80 def"}', 400, "invalid_json"),
+    ("surrogate model", "POST", "/v1/embeddings", {}, rb'{"input": "a", "model": "\ud800"}', 400, "invalid_value"),
+    ("invalid utf-8", "POST", "/v1/embeddings", {}, b'{"input": "\xff\xfe"}', 400, "invalid_json"),
+    ("utf-16 body", "POST", "/v1/embeddings", {}, '{"input": "x"}'.encode("utf-16"), 400, "invalid_json"),
+    ("dimensions as string", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": "64"}', 422,
+     "invalid_value"),
+    ("dimensions true", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": true}', 422, "invalid_value"),
+    ("dimensions 0", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": 0}', 422, "invalid_value"),
+    ("dimensions -1", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": -1}', 422, "invalid_value"),
+    ("dimensions 1.5", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": 1.5}', 422, "invalid_value"),
+    ("dimensions NaN", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": NaN}', 422, "invalid_value"),
+    ("dimensions 10^30", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": 1' + b"0" * 30 + b"}", 400,
+     "invalid_value"),
+    ("5000-digit number", "POST", "/v1/embeddings", {}, b'{"input": "a", "dimensions": ' + b"9" * 5000 + b"}", 400,
+     "invalid_json"),
+    ("NUL only", "POST", "/v1/embeddings", {}, rb'{"input": "\u0000"}', 400, "invalid_value"),
+    ("zero-width space only", "POST", "/v1/embeddings", {}, rb'{"input": "\u200b"}', 400, "invalid_value"),
+    ("BOM and line separator", "POST", "/v1/embeddings", {}, rb'{"input": ["ok", "\ufeff \u2028\t"]}', 400,
+     "invalid_value"),
+    ("whitespace only", "POST", "/v1/embeddings", {}, b'{"input": "  \\n "}', 400, "invalid_value"),
+    ("empty model", "POST", "/v1/embeddings", {}, b'{"input": "a", "model": ""}', 400, "invalid_value"),
+    ("unknown model", "POST", "/v1/embeddings", {}, b'{"input": "a", "model": "gpt-4"}', 404, "model_not_found"),
+    ("model not a string", "POST", "/v1/embeddings", {}, b'{"input": "a", "model": 123}', 422, "invalid_value"),
+    ("no content-type", "POST", "/v1/embeddings", {"Content-Type": ""}, b'{"input": "a"}', 200, None),
+    ("text/plain content-type", "POST", "/v1/embeddings", {"Content-Type": "text/plain"}, b'{"input": "a"}', 200, None),
+    ("lower-case bearer", "POST", "/v1/embeddings", {"Authorization": f"bearer {API_KEY}"}, b'{"input": "a"}', 200,
+     None),
+    ("upper-case bearer, extra spaces", "POST", "/v1/embeddings", {"Authorization": f"BEARER   {API_KEY}"},
+     b'{"input": "a"}', 200, None),
+    ("no key", "POST", "/v1/embeddings", None, b'{"input": "a"}', 401, "invalid_api_key"),
+    ("basic auth", "POST", "/v1/embeddings", {"Authorization": "Basic dXNlcjpwYXNz"}, b'{"input": "a"}', 401,
+     "invalid_api_key"),
+    ("bearer without key", "POST", "/v1/embeddings", {"Authorization": "Bearer"}, b'{"input": "a"}', 401,
+     "invalid_api_key"),
+    ("wrong key, same length", "POST", "/v1/embeddings", {"Authorization": "Bearer " + "x" * len(API_KEY)},
+     b'{"input": "a"}', 401, "invalid_api_key"),
+    ("empty body", "POST", "/v1/embeddings", {}, b"", 400, "invalid_json"),
+    ("null body", "POST", "/v1/embeddings", {}, b"null", 400, "invalid_json"),
+    ("array body", "POST", "/v1/embeddings", {}, b'[{"input": "a"}]', 400, "invalid_json"),
+    ("string body", "POST", "/v1/embeddings", {}, b'"a"', 400, "invalid_json"),
+    ("truncated json", "POST", "/v1/embeddings", {}, b'{"input": ', 400, "invalid_json"),
+    ("trailing garbage", "POST", "/v1/embeddings", {}, b'{"input": "a"} xyz', 400, "invalid_json"),
+    ("nested 100k deep", "POST", "/v1/embeddings", {}, b"[" * 100_000, 400, "invalid_json"),
+    ("input null", "POST", "/v1/embeddings", {}, b'{"input": null}', 422, "invalid_value"),
+    ("input number", "POST", "/v1/embeddings", {}, b'{"input": 5}', 422, "invalid_value"),
+    ("token ids", "POST", "/v1/embeddings", {}, b'{"input": [[1, 2, 3]]}', 422, "invalid_value"),
+    ("list with null", "POST", "/v1/embeddings", {}, b'{"input": ["a", null]}', 422, "invalid_value"),
+    ("input object", "POST", "/v1/embeddings", {}, b'{"input": {"a": 1}}', 422, "invalid_value"),
+    ("missing input", "POST", "/v1/embeddings", {}, b'{"model": "test-embed"}', 422, "invalid_value"),
+    ("empty list", "POST", "/v1/embeddings", {}, b'{"input": []}', 400, "invalid_value"),
+    ("129 inputs", "POST", "/v1/embeddings", {}, json.dumps({"input": ["a"] * 129}).encode(), 400,
+     "too_many_inputs"),
+    ("bad encoding_format", "POST", "/v1/embeddings", {}, b'{"input": "a", "encoding_format": "int8"}', 422,
+     "invalid_value"),
+    ("bad truncate", "POST", "/v1/embeddings", {}, b'{"input": "a", "truncate": "START"}', 422, "invalid_value"),
+    ("bad input_type", "POST", "/v1/embeddings", {}, b'{"input": "a", "input_type": "document"}', 422,
+     "invalid_value"),
+    ("too long, truncate NONE", "POST", "/v1/embeddings", {}, json.dumps({"input": LONG_INPUT, "truncate": "NONE"})
+     .encode(), 400, "context_length_exceeded"),
+    ("GET embeddings", "GET", "/v1/embeddings", {}, b"", 405, "method_not_allowed"),
+    ("PUT embeddings", "PUT", "/v1/embeddings", {}, b'{"input": "a"}', 405, "method_not_allowed"),
+    ("trailing slash", "POST", "/v1/embeddings/", {}, b'{"input": "a"}', 404, "not_found"),
+    ("unknown model path", "GET", "/v1/models/nope", {}, b"", 404, "model_not_found"),
+    ("unknown /v1 path without key", "GET", "/v1/nope", None, b"", 401, "invalid_api_key"),
+    ("unknown path", "GET", "/nope/" + "z" * 3000, None, b"", 404, "not_found"),
+    ("openapi.json", "GET", "/openapi.json", None, b"", 404, "not_found"),
+    ("user with surrogate is ignored", "POST", "/v1/embeddings", {}, rb'{"input": "a", "user": "\ud800"}', 200, None),
+]
+
+
+def test_fuzz_never_5xx_always_openai_errors(server):
+    start = time.perf_counter()
+    with httpx.Client(base_url=root(server), timeout=30) as client:
+        for name, method, path, headers, body, status, code in FUZZ:
+            sent = {"Content-Type": J} | AUTH if headers is not None else {"Content-Type": J}
+            sent = {k: v for k, v in (sent | (headers or {})).items() if v}
+            response = client.request(method, path, content=body, headers=sent)
+            assert response.status_code < 500, (name, response.text[:300])
+            if status >= 400:
+                assert_openai_error(response, status, code)
+            else:
+                assert response.status_code == status, (name, response.text[:300])
+                assert len(response.json()["data"][0]["embedding"]) == 384
+    assert len(FUZZ) >= 40 and time.perf_counter() - start < 60
+    assert httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code == 200
+    text = httpx.get(f"{root(server)}/metrics", timeout=10).text
+    assert 'status="5' not in text
+
+
+# --- 6. an unhandled error: counted as 500, answered without its text --------------------------------------
+
+
+def test_unhandled_error_is_a_counted_generic_500_and_docs_need_the_key(exported):
+    """In-process app (a real uvicorn on loopback) whose tokenizer raises on one input; docs on, key set."""
+    import uvicorn
+
+    from embedpipe.onnx_encoder import OnnxEncoder
+    from embedpipe.processes import free_port
+    from embedpipe.server import ServerSettings, create_app
+
+    class Broken(OnnxEncoder):
+        def tokenize(self, texts, max_length=-1):
+            if any("boom" in t for t in texts):
+                raise RuntimeError("secret internal detail /etc/passwd")
+            return super().tokenize(texts, max_length)
+
+    settings = ServerSettings(model_name="test-embed", api_key=API_KEY, docs_enabled=True)
+    app = create_app(Broken(exported / "onnx", threads=1), settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/v1/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        failed = httpx.post(f"{base}/v1/embeddings", json={"input": "boom"}, headers=AUTH, timeout=30)
+        error = assert_openai_error(failed, 500, "internal_error")
+        assert "secret" not in error["message"] and "RuntimeError" not in error["message"]
+        assert httpx.post(f"{base}/v1/embeddings", json={"input": "fine"}, headers=AUTH, timeout=30).status_code == 200
+        for path in ("/docs", "/openapi.json"):
+            assert_openai_error(httpx.get(f"{base}{path}", timeout=10), 401, "invalid_api_key")
+            assert httpx.get(f"{base}{path}", headers=AUTH, timeout=10).status_code == 200
+        schema = httpx.get(f"{base}/openapi.json", headers=AUTH, timeout=10).json()
+        assert "input" in json.dumps(schema["paths"]["/v1/embeddings"]["post"]["requestBody"])
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'embed_requests_total{path="/v1/embeddings",status="500"} 1.0' in text
+        assert 'embed_errors_total{code="internal_error"} 1.0' in text
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+# --- 5. shutdown ---------------------------------------------------------------------------------------------
+
+
+def test_sigterm_under_load_answers_json_503_and_exits_non_zero(server):
+    """Last test of the module: it stops the module's server (drain_timeout_s is 1 here)."""
+    proc = server
+    body = json.dumps({"input": [LONG_INPUT] * 16}).encode()
+    with ThreadPoolExecutor(12) as pool:  # 12 x 16 inputs: within max_queued_inputs (200)
+        futures = [pool.submit(httpx.post, f"{proc.base_url}/embeddings", content=body, headers=AUTH,
+                               timeout=60) for _ in range(12)]
+        deadline = time.monotonic() + 20
+        while metric(proc, "embed_queue_inputs") < 100 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.proc.send_signal(signal.SIGTERM)
+        started = time.perf_counter()
+        responses = [f.result() for f in futures]
+    code = proc.proc.wait(30)
+    took = time.perf_counter() - started
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert_openai_error(r, 503, "shutting_down")
+    assert code == 1 and took < 10, (code, took)
+    log = proc.log_tail(10**7)  # the whole module's abuse left no traceback in the server log
+    assert "Traceback" not in log and "dropped at shutdown" in log, log[-3000:]
