@@ -84,8 +84,8 @@ def test_embedded_qwen_answers_the_json_schema_chat_path(tmp_path):
     passage = ("Kettle > Descaling\nDescale the K1 kettle every 8 weeks in hard-water areas with a 1:3 mix of white "
                "vinegar and water, then boil clean water twice.")
     with EmbeddedServer(model_file("qwen2.5-coder-1.5b", MODELS), alias="qwen", log_path=tmp_path / "log") as url:
-        client = LLMClient(LLMConfig(base_url=url, model="qwen", api="chat", grammar=True, max_tokens=160,
-                                     timeout=240), RequestCache(tmp_path / "c.sqlite"))
+        client = LLMClient(LLMConfig(base_url=url, model="qwen", api="chat", grammar=True, max_tokens=120,
+                                     timeout=600), RequestCache(tmp_path / "c.sqlite"))
         req = client.build(messages=sdg.chat_messages([passage], "contextual", "factual", 3),
                            response_format=sdg.chat_response_format("qa_pair", sdg.QA_SCHEMA), seed=1)
         res = client.ask(req, sdg.parse_chat_qa)
