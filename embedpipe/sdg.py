@@ -10,8 +10,8 @@ they share a topic by construction, need no embedder, and are what a reader woul
 "how does A relate to B" question. Nearest neighbours by embedding tend to pick near-duplicates
 (overlapping chunks, sibling product manuals), which make weak multi-hop questions.
 
-The LLM-free inverse-cloze generator (query = one sentence cut out of a passage, positive = that
-passage) needs no model at all and is a strong baseline for small corpora.
+The LLM-free inverse-cloze generator (query = one prose sentence cut out of a passage, positive = the
+passage *without* that sentence) needs no model at all; it supplements the LLM questions (capped share).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from embedpipe.llm import ParseError, parse_json_object
+from embedpipe.text import query_sentences, remove_span
 
 SCORE_KEYS = ("relevance", "accuracy", "context_support", "clarity")
 
@@ -294,16 +295,95 @@ def junk_reason(pair: dict[str, Any], passages: list[str], cfg: dict[str, Any]) 
     return None
 
 
+# --- context gate -------------------------------------------------------------------------------
+# A retrieval query is read without its passage: "What is the purpose of this module?" names nothing a
+# user could search for. These patterns point at the context instead of naming the thing.
+_CONTEXT_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    ("points at 'this/these ...'", re.compile(r"\b(this|these)\b", re.I)),
+    ("points at 'the above/following'", re.compile(
+        r"\b(the\s+)?(above|aforementioned|following|preceding|foregoing|given|provided|previous)"
+        r"(\s+[\w-]+){0,2}\s+(passage|text|document|section|excerpt|snippet|example|code|paragraph|context|"
+        r"module|program|setting|function|list|table|steps?|article|page|chapter|information|statement|sentence|"
+        r"description|configuration|command|class|method)s?\b", re.I)),
+    ("points at 'the above'", re.compile(r"\b(the\s+above|above-mentioned|aforementioned|below-mentioned)\b", re.I)),
+    ("points at 'mentioned/described here'", re.compile(
+        r"\b(mentioned|described|shown|listed|discussed|given|used|defined|presented|referred\s+to|explained)"
+        r"\s+(here|above|below|earlier|previously)\b", re.I)),
+    ("refers to the passage", re.compile(
+        r"\b(the|this|that)\s+(passage|excerpt|snippet|text\s+above|paragraph|context|author|document\s+above)\b"
+        r"|\b(according\s+to|in|from|based\s+on)\s+the\s+(text|document|section|passage|article|example|code|"
+        r"documentation\s+above)\b", re.I)),
+]
+# Words that say nothing about the topic: a question made only of these (plus words absent from the
+# passage) is invented ("How do I create a new movie?" from a programming manual).
+_GENERIC = set("""
+a an the and or but if of to in on at by for with from as into onto about over under between through during
+is are was were be been being am do does did done doing have has had having can could should would will shall
+may might must not no yes i you he she it we they me my your our their its his her them us what which who whom
+whose when where why how whether there here than then that this these those such so also only just any some all
+each every both either neither more most less least many much few other another same new old good best better
+use used using uses make makes made making get gets got set sets setting create creates created creating add
+adds added work works working need needs needed want wants way ways thing things one two first last main type
+kind example purpose difference different differ between value values happen happens happened possible allowed
+mean means meaning explain explained describe described called call name named list lists see run runs
+""".split())
+_CONTENT = re.compile(r"[A-Za-z][A-Za-z0-9_]+")
+
+
+def _stem(word: str) -> str:
+    return word.lower()[:6]
+
+
+def context_reason(question: str, passages: list[str], check_grounding: bool = True) -> str | None:
+    """Why a question depends on its passage being in view or is not about it (None if it is fine)."""
+    for reason, pattern in _CONTEXT_PATTERNS:
+        if pattern.search(question):
+            return reason
+    if check_grounding:
+        content = {_stem(w) for w in _CONTENT.findall(question) if w.lower() not in _GENERIC and len(w) > 2}
+        source = {_stem(w) for p in passages for w in _CONTENT.findall(p)}
+        if content and not content & source:
+            return "names nothing in its passage"
+    return None
+
+
 # --- inverse cloze (no LLM) ---------------------------------------------------------------------
-_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+def inverse_cloze(
+    record: dict[str, Any], n: int, min_words: int, max_words: int, keep_probability: float = 0.1,
+    seed: Any = 0, min_rest_words: int = 12,
+) -> list[tuple[str, str | None]]:
+    """Up to n (pseudo-query, positive text) pairs: a prose sentence of the passage, and the passage text
+    without that sentence. With probability `keep_probability` (deterministic per seed, passage and sentence)
+    the sentence stays in and the positive text is None (= the corpus text), as in the original ICT (Lee et
+    al. 2019: kept 10 % of the time, so the model also learns that overlap matters, but cannot rely on it).
+
+    Removing it is the point: with the sentence still inside its positive, the model only learns string
+    overlap. Sentences come from `embedpipe.text` (abbreviation-aware, code blocks and code lines skipped).
+    A sentence whose removal would leave fewer than `min_rest_words` words is not used.
+    """
+    text = record.get("text") or ""
+    usable = query_sentences(text, min_words, max_words)
+    usable.sort(key=lambda s: stable_int(seed, record["_id"], s.text))
+    out: list[tuple[str, str | None]] = []
+    for s in usable:
+        if len(out) >= n:
+            break
+        rest = remove_span(text, s.start, s.end)
+        if len(rest.split()) < min_rest_words:
+            continue
+        kept = stable_int(seed, record["_id"], s.text, "keep") % 1_000_000 < keep_probability * 1_000_000
+        out.append((s.text, None if kept else rest))
+    return out
 
 
-def inverse_cloze(record: dict[str, Any], n: int, min_words: int, max_words: int) -> list[str]:
-    """Up to n sentences of the passage usable as pseudo-queries (tables and headings skipped)."""
-    sentences = [s.strip() for s in _SENT.split(record.get("text") or "")]
-    usable = [s for s in sentences if min_words <= len(s.split()) <= max_words and "|" not in s]
-    usable.sort(key=lambda s: stable_int(record["_id"], s))
-    return usable[:n]
+def cap_share(n_other: int, max_share: float) -> int | None:
+    """How many inverse-cloze pairs may join n_other LLM pairs so they are at most max_share of the total.
+
+    None = no cap (max_share >= 1, or no LLM pair to supplement: inverse cloze is then all there is).
+    """
+    if max_share >= 1 or n_other <= 0:
+        return None
+    return int(max_share / (1 - max_share) * n_other) if max_share > 0 else 0
 
 
 # --- embedding gates ----------------------------------------------------------------------------

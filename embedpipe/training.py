@@ -104,7 +104,8 @@ def build_training_table(
         if k and len({n["id"] for n in neg_doc if n.get("id") in corpus}) < k:
             table.padded += 1
         cols["anchor"].append(question)
-        cols["positive"].append(passage_text(corpus[pos_id]))
+        pos_text = pos.get("text")  # set by sdg's positive_texts (inverse cloze without its sentence)
+        cols["positive"].append(passage_text({**corpus[pos_id], "text": pos_text} if pos_text else corpus[pos_id]))
         for i, neg in enumerate(negatives):
             cols[f"negative_{i + 1}"].append(passage_text(corpus[neg["id"]]))
         table.examples += 1

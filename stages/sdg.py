@@ -1,8 +1,9 @@
 """Stage `sdg`: passages -> synthetic question-answer pairs (data/sdg/qa.jsonl), judged and filtered.
 
 Generators: an LLM (any OpenAI-compatible endpoint, or an embedded llama.cpp server when
-sdg.llm.base_url is empty) and the LLM-free inverse cloze. Gates, cheapest first: junk -> dedup ->
-retrieval consistency -> LLM judge. Every LLM request is cached in cache/llm/ (outside DVC outs),
+sdg.llm.base_url is empty) and the LLM-free inverse cloze (a supplement, capped by max_share). Gates,
+cheapest first: junk -> context -> dedup -> retrieval consistency -> LLM judge. The LLM phase stops
+issuing requests when sdg.llm.time_budget_s is spent. Every LLM request is cached in cache/llm/ (outside DVC outs),
 so an interrupted run resumes without repeating finished requests.
 """
 
@@ -16,125 +17,17 @@ from typing import Any
 
 import click
 import numpy as np
-from tqdm import tqdm
 
 from embedpipe import sdg
 from embedpipe.console import alert, summary, warn
 from embedpipe.io import FormatError, load_corpus, passage_text, write_json, write_jsonl
-from embedpipe.llm import LLMClient, LLMConfig, LLMFatalError, RequestCache, Result
-from embedpipe.llm_server import EmbeddedServer, ServerError, model_file
+from embedpipe.llm import BUDGET_SPENT, LLMClient, LLMConfig, LLMFatalError, RequestCache, Result
+from embedpipe.llm_server import EmbeddedServer, ServerError, model_file, recommended_api
 from embedpipe.models import ModelNotAvailable, encode, load_model
 from embedpipe.params import ParamsError, load_params, section
+from embedpipe.progress import progress
 from embedpipe.retrieval import search
-
-
-def pick(weights: dict[str, float], key: int) -> str:
-    """Deterministic weighted choice (the target mix of query/reasoning types)."""
-    names = sorted(weights)
-    total = sum(float(weights[n]) for n in names) or 1.0
-    x = (key % 10_000) / 10_000 * total
-    for n in names:
-        x -= float(weights[n])
-        if x < 0:
-            return n
-    return names[-1]
-
-
-def plan_jobs(corpus: dict[str, dict], cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """LLM jobs: single-hop questions on sampled passages plus multi-hop over neighbouring passages."""
-    ids = list(corpus)
-    limit = int(cfg.get("max_passages") or 0)
-    if limit and limit < len(ids):  # evenly spread over the corpus, so every document is represented
-        ids = [ids[int(i)] for i in np.linspace(0, len(ids) - 1, limit).round().astype(int)]
-    groups = sdg.neighbour_groups(corpus)
-    hmin, hmax = (int(h) for h in cfg["hops"])
-    seed = cfg.get("seed", 0)
-    jobs = []
-    for pid in ids:
-        for k in range(int(cfg["questions_per_passage"])):
-            jobs.append({"segment_ids": [pid], "k": k})
-        r = sdg.stable_int(seed, pid, "multi_hop")
-        if hmax >= 2 and (r % 10_000) / 10_000 < float(cfg["multi_hop_fraction"]):
-            doc = groups[str(corpus[pid].get("doc", ""))]
-            hops = min(len(doc), max(2, hmin) + r % (hmax - max(2, hmin) + 1))
-            if hops >= 2:
-                start = min(doc.index(pid), len(doc) - hops)
-                jobs.append({"segment_ids": doc[start : start + hops], "k": 0})
-    unique = {(tuple(j["segment_ids"]), j["k"]): j for j in jobs}  # neighbouring starts can give one group twice
-    jobs = list(unique.values())
-    for job in jobs:
-        key = sdg.stable_int(seed, *job["segment_ids"], job["k"])
-        multi = len(job["segment_ids"]) > 1
-        job["query_type"] = "multi_hop" if multi else pick(cfg["query_types"], key)
-        job["reasoning_type"] = pick(cfg["reasoning_types"], key // 10_000)
-        lo, hi = (int(c) for c in cfg["complexity"])
-        job["question_complexity"] = lo + (key // 100_000_000) % (hi - lo + 1)
-        job["seed"] = key % 2**31
-    return jobs
-
-
-def generate(client: LLMClient, corpus: dict[str, dict], job: dict[str, Any]) -> Result:
-    texts = [passage_text(corpus[i]) for i in job["segment_ids"]]
-    if client.cfg.api == "chat":
-        req = client.build(
-            messages=sdg.chat_messages(texts, job["query_type"], job["reasoning_type"], job["question_complexity"]),
-            response_format=sdg.chat_response_format("qa_pair", sdg.QA_SCHEMA),
-            seed=job["seed"],
-        )
-        return client.ask(req, sdg.parse_chat_qa)
-    req = client.build(prompt=sdg.completion_prompt(texts, job["seed"]), stop=sdg.COMPLETION_STOP, seed=job["seed"])
-    return client.ask(req, sdg.parse_completion_qa)
-
-
-def judge(client: LLMClient, corpus: dict[str, dict], pair: dict[str, Any]) -> Result:
-    texts = [passage_text(corpus[i]) for i in pair["segment_ids"]]
-    if client.cfg.api == "chat":
-        req = client.build(
-            messages=sdg.judge_messages(texts, pair["question"], pair["answer"]),
-            response_format=sdg.chat_response_format("judgement", sdg.JUDGE_SCHEMA),
-            temperature=0.0, max_tokens=160,
-        )
-        return client.ask(req, sdg.parse_judge_chat)
-    req = client.build(
-        prompt=sdg.judge_prompt(texts, pair["question"], pair["answer"]),
-        temperature=0.0, max_tokens=24, stop=["\n"], grammar=sdg.JUDGE_GRAMMAR,
-    )
-    return client.ask(req, sdg.parse_judge_completion)
-
-
-def to_record(job: dict[str, Any], qa: dict[str, Any], corpus: dict[str, dict], generator: str) -> dict[str, Any]:
-    """A pair in the data/sdg/qa.jsonl format; labels a base model cannot give are guessed from the text."""
-    ids = job["segment_ids"]
-    summaries = qa.get("hop_summaries") or []
-    if job["query_type"] == "inverse_cloze":
-        reasoning, complexity = "factual", 1
-    elif generator_is_chat(qa):
-        reasoning = qa.get("reasoning_type") or job["reasoning_type"]
-        complexity = qa.get("question_complexity") or job["question_complexity"]
-    else:
-        reasoning, complexity = sdg.guess_reasoning_type(qa["question"]), sdg.guess_complexity(qa["question"], len(ids))
-    return {
-        "id": sdg.qa_id(qa["question"], ids),
-        "question": qa["question"],
-        "answer": qa["answer"],
-        "query_type": job["query_type"],
-        "reasoning_type": reasoning,
-        "question_complexity": int(complexity),
-        "segment_ids": ids,
-        "hop_count": len(ids),
-        "hop_contexts": [
-            {"segment_id": i, "summary": summaries[n] if n < len(summaries) else corpus[i].get("title", "")}
-            for n, i in enumerate(ids)
-        ],
-        "doc": corpus[ids[0]].get("doc", ""),
-        "generator": generator,
-        "scores": None,
-        "quality_score": None,
-    }
-
-
-def generator_is_chat(qa: dict[str, Any]) -> bool:
-    return "reasoning_type" in qa
+from embedpipe.sdg_jobs import generate, inverse_cloze_records, judge, plan_jobs, to_record
 
 
 @click.command()
@@ -176,6 +69,7 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
     candidates: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     failures: Counter = Counter()
+    budget_cut: Counter = Counter(jobs_not_run=0, judge_not_run=0)
     client: LLMClient | None = None
     server: EmbeddedServer | None = None
     server_start_s = 0.0
@@ -186,6 +80,10 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
             base_url = llm_cfg.get("base_url") or ""
             generator = llm_cfg["model"]
             if not base_url:
+                made_for = recommended_api(llm_cfg["model"])
+                if made_for and made_for != llm_cfg.get("api", "chat"):
+                    warn(f"sdg.llm.model {llm_cfg['model']} is made for api: {made_for}, "
+                         f"but sdg.llm.api is {llm_cfg.get('api')}: expect unparseable replies")
                 t0 = time.time()
                 try:
                     path = model_file(llm_cfg["model"], llm_cfg.get("models_dir") or "cache/models")
@@ -208,13 +106,21 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                 cache,
                 retry_failed=retry_failed,
             )
-            # 1. generation
+            client.set_time_budget(float(llm_cfg.get("time_budget_s") or 0))
+            # 1. generation (jobs are in spread order: a budget cut keeps a spread over the corpus)
             results: dict[int, Result] = {}
-            with tqdm(total=len(jobs), desc="sdg generate", unit="req", disable=None) as bar:
+            n_ok = 0
+            with progress(len(jobs), "sdg generate", unit="req") as bar:
                 for i, res in client.map(lambda j: generate(client, corpus, j), jobs, progress=bar):
                     results[i] = res
+                    n_ok += res.ok
+                    if not res.ok and res.error == BUDGET_SPENT:
+                        budget_cut["jobs_not_run"] += 1
+                    bar.set_postfix(pairs=n_ok, cut_by_budget=budget_cut["jobs_not_run"])
             for i, job in enumerate(jobs):
                 res = results[i]
+                if not res.ok and res.error == BUDGET_SPENT:
+                    continue  # never asked: not a rejection, counted in jobs_not_run
                 if not res.ok:
                     failures["generate:" + res.error.split(":")[0].split(" (")[0]] += 1
                     rejected.append({"segment_ids": job["segment_ids"], "query_type": job["query_type"],
@@ -222,29 +128,47 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                     continue
                 candidates.append(to_record(job, res.value, corpus, generator))
 
-        # 2. inverse cloze (no LLM)
-        ict = cfg["inverse_cloze"]
-        if ict.get("enabled", True):
-            for pid, rec in corpus.items():
-                for s in sdg.inverse_cloze(rec, int(ict["per_passage"]), int(ict["min_words"]), int(ict["max_words"])):
-                    job = {"segment_ids": [pid], "query_type": "inverse_cloze"}
-                    candidates.append(to_record(job, {"question": s, "answer": s}, corpus, "inverse_cloze"))
-        generated = Counter(c["query_type"] for c in candidates)
         removed: dict[str, int] = {}
+        ict = cfg["inverse_cloze"]
 
         def drop(keep: list[bool], gate: str, reasons: list[str] | None = None) -> None:
             nonlocal candidates
             removed[gate] = removed.get(gate, 0) + keep.count(False)
             for n, (c, k) in enumerate(zip(candidates, keep, strict=True)):
                 if not k:
-                    rejected.append({**c, "reason": f"{gate}: {reasons[n]}" if reasons else gate})
+                    slim = {key: v for key, v in c.items() if key != "positive_texts"}
+                    rejected.append({**slim, "reason": f"{gate}: {reasons[n]}" if reasons else gate})
             candidates = [c for c, k in zip(candidates, keep, strict=True) if k]
 
-        # 3. junk
-        if gates["junk"]["enabled"]:
-            reasons = [sdg.junk_reason(c, [passage_text(corpus[i]) for i in c["segment_ids"]], gates["junk"])
-                       for c in candidates]
-            drop([r is None for r in reasons], "junk", [r or "" for r in reasons])
+        def text_gates() -> None:
+            """junk, then context (LLM questions that point at "this module" instead of naming it); idempotent."""
+            if gates["junk"]["enabled"]:
+                reasons = [sdg.junk_reason(c, [passage_text(corpus[i]) for i in c["segment_ids"]], gates["junk"])
+                           for c in candidates]
+                drop([r is None for r in reasons], "junk", [r or "" for r in reasons])
+            ctx_cfg = gates.get("context") or {"enabled": False}
+            if ctx_cfg.get("enabled", True):
+                grounding = bool(ctx_cfg.get("grounding", True))
+                reasons = [None if c["generator"] == "inverse_cloze" else sdg.context_reason(
+                    c["question"], [passage_text(corpus[i]) for i in c["segment_ids"]], grounding) for c in candidates]
+                drop([r is None for r in reasons], "context", [r or "" for r in reasons])
+
+        def ict_cap() -> int | None:
+            n_llm = sum(c["generator"] != "inverse_cloze" for c in candidates)
+            return sdg.cap_share(n_llm, float(ict.get("max_share", 1.0))) if llm_cfg.get("enabled", True) else None
+
+        # 2. junk + context on the LLM pairs
+        generated = Counter(c["query_type"] for c in candidates)
+        text_gates()
+        # 3. inverse cloze (no LLM), a supplement: only as many as the cap allows (x2: slack for the later gates)
+        if ict.get("enabled", True):
+            cap = ict_cap()
+            if cap is None and jobs and float(ict.get("max_share", 1.0)) < 1:
+                warn("no LLM pair passed the text gates: inverse cloze is not capped (it is all there is)")
+            ict_recs = inverse_cloze_records(corpus, ict, cfg.get("seed", 0), limit=None if cap is None else 2 * cap)
+            generated["inverse_cloze"] += len(ict_recs)
+            candidates.extend(ict_recs)
+            text_gates()
         # 4. dedup + 5. retrieval consistency (base embedder)
         q_emb = encode(embedder, [c["question"] for c in candidates], mcfg.get("query_prompt", ""))
         if gates["dedup"]["enabled"] and candidates:
@@ -263,9 +187,13 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         if judge_on and client is not None and judged:
             keep = [True] * len(candidates)
             reasons = [""] * len(candidates)
-            with tqdm(total=len(judged), desc="sdg judge", unit="req", disable=None) as bar:
+            with progress(len(judged), "sdg judge", unit="req") as bar:
                 for n, res in client.map(lambda m: judge(client, corpus, candidates[m]), judged, progress=bar):
                     c = candidates[judged[n]]
+                    if not res.ok and res.error == BUDGET_SPENT:
+                        budget_cut["judge_not_run"] += 1
+                        keep[judged[n]], reasons[judged[n]] = False, "not judged: sdg.llm.time_budget_s spent"
+                        continue
                     if not res.ok:
                         failures["judge:" + res.error.split(":")[0].split(" (")[0]] += 1
                         keep[judged[n]], reasons[judged[n]] = False, f"judge failed: {res.error}"
@@ -278,6 +206,13 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                         keep[judged[n]] = False
                         reasons[judged[n]] = "scores " + " ".join(f"{k}={v}" for k, v in c["scores"].items())
             drop(keep, "judge", reasons)
+        cap = ict_cap() if ict.get("enabled", True) else None
+        if cap is not None:  # exactly max_share now that every gate has run; spread order: keep the first ones
+            seen, keep = 0, []
+            for c in candidates:
+                seen += c["generator"] == "inverse_cloze"
+                keep.append(c["generator"] != "inverse_cloze" or seen <= cap)
+            drop(keep, "inverse_cloze_cap", [f"over max_share {ict.get('max_share')} of accepted pairs"] * len(keep))
     except LLMFatalError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
@@ -305,6 +240,10 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         "generated": total_generated,
         "generated_by_type": dict(generated),
         "removed_by_gate": removed,
+        "time_budget_s": float(llm_cfg.get("time_budget_s") or 0),
+        "jobs_not_run": budget_cut["jobs_not_run"],
+        "judge_not_run": budget_cut["judge_not_run"],
+        "inverse_cloze_sentence_removed": sum(bool(c.get("positive_texts")) for c in candidates),
         "accepted": len(candidates),
         "acceptance_rate": round(len(candidates) / total_generated, 4) if total_generated else 0.0,
         "accepted_llm": sum(c["generator"] != "inverse_cloze" for c in candidates),
@@ -323,6 +262,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         warn("no pair passed the gates: relax sdg.gates or check the LLM output in rejected.jsonl")
     summary("sdg", {
         "passages": len(corpus), "LLM jobs": len(jobs), "requests made": stats.get("requests", 0),
+        **({"LLM jobs cut by time budget": budget_cut["jobs_not_run"]} if budget_cut["jobs_not_run"] else {}),
+        **({"pairs not judged (budget)": budget_cut["judge_not_run"]} if budget_cut["judge_not_run"] else {}),
         "cache hits": stats.get("cache_hits", 0), "failures": sum(failures.values()), "generated": total_generated,
         **{f"removed by {g}": n for g, n in removed.items()},
         "accepted": len(candidates), "acceptance rate": metrics["acceptance_rate"],

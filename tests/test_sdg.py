@@ -198,9 +198,9 @@ def test_inverse_cloze_and_neighbours(tiny_corpus_path):
 
     corpus = load_corpus(tiny_corpus_path)
     rec = next(iter(corpus.values()))
-    sentences = sdg.inverse_cloze(rec, 2, 6, 40)
-    assert sentences and all(s in rec["text"] for s in sentences)
-    assert sentences == sdg.inverse_cloze(rec, 2, 6, 40)  # deterministic
+    pairs = sdg.inverse_cloze(rec, 2, 6, 40, keep_probability=0.0, min_rest_words=6)
+    assert pairs and all(q in rec["text"] and q not in rest for q, rest in pairs)
+    assert pairs == sdg.inverse_cloze(rec, 2, 6, 40, keep_probability=0.0, min_rest_words=6)  # deterministic
     groups = sdg.neighbour_groups(corpus)
     for ids in groups.values():
         positions = [corpus[i]["position"] for i in ids]

