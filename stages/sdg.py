@@ -20,10 +20,11 @@ import numpy as np
 
 from embedpipe import sdg
 from embedpipe.console import alert, summary, warn
+from embedpipe.embed_store import encode_cached
 from embedpipe.io import FormatError, load_corpus, passage_text, write_json, write_jsonl
 from embedpipe.llm import BUDGET_SPENT, LLMClient, LLMConfig, LLMFatalError, RequestCache, Result
 from embedpipe.llm_server import EmbeddedServer, ServerError, model_file, recommended_api
-from embedpipe.models import ModelNotAvailable, encode, load_model
+from embedpipe.models import ModelNotAvailable, load_model
 from embedpipe.params import ParamsError, load_params, section
 from embedpipe.progress import progress
 from embedpipe.retrieval import search
@@ -60,8 +61,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         raise click.ClickException(str(e)) from None
     ids = list(corpus)
     row = {pid: n for n, pid in enumerate(ids)}
-    corpus_emb = encode(embedder, [passage_text(corpus[i]) for i in ids], mcfg.get("passage_prompt", ""),
-                        show_progress_bar=len(ids) > 500)
+    corpus_emb = encode_cached(embedder, [passage_text(corpus[i]) for i in ids], mcfg.get("passage_prompt", ""),
+                               desc="sdg: passages", kind="passage")
 
     llm_cfg = cfg["llm"]
     gates = cfg["gates"]
@@ -170,7 +171,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
             candidates.extend(ict_recs)
             text_gates()
         # 4. dedup + 5. retrieval consistency (base embedder)
-        q_emb = encode(embedder, [c["question"] for c in candidates], mcfg.get("query_prompt", ""))
+        q_emb = encode_cached(embedder, [c["question"] for c in candidates], mcfg.get("query_prompt", ""),
+                              desc="sdg: questions", kind="query")
         if gates["dedup"]["enabled"] and candidates:
             mask = sdg.dedup_mask(q_emb, float(gates["dedup"]["threshold"]))
             drop(mask.tolist(), "dedup")
