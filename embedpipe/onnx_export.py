@@ -69,9 +69,20 @@ def export_onnx(model: Any, out_dir: str | Path, name: str, query_prompt: str, p
     args = tuple(sample[n] for n in names)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {OUTPUT_NAME: {0: "batch"}}
     path = out_dir / VARIANTS["fp32"]
-    with torch.no_grad():
-        torch.onnx.export(Graph(model).eval(), args, str(path), input_names=names, output_names=[OUTPUT_NAME],
-                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    # Eager attention traces to the MatMul/Softmax pattern onnxruntime's transformer optimizer fuses into its
+    # Attention op (the SDPA trace is not recognised); same math, so parity is unchanged.
+    hf = getattr(model[0], "auto_model", None)
+    attn = getattr(getattr(hf, "config", None), "_attn_implementation", None)
+    eager = attn not in (None, "eager") and hasattr(hf, "set_attn_implementation")
+    try:
+        if eager:
+            hf.set_attn_implementation("eager")
+        with torch.no_grad():
+            torch.onnx.export(Graph(model).eval(), args, str(path), input_names=names, output_names=[OUTPUT_NAME],
+                              dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    finally:
+        if eager:
+            hf.set_attn_implementation(attn)
     model.tokenizer.save_pretrained(str(out_dir))
     config = {
         "name": name,

@@ -35,7 +35,7 @@ def make_session_export(tmp_root: Path, tiny_corpus_path: Path) -> Path:
     (tmp_root / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, "stages/export.py", "--params", str(tmp_root / "params.yaml"),
                              "--metrics", str(tmp_root / "export.json")],
-                            cwd=REPO_ROOT, env=stage_env(), capture_output=True, text=True, timeout=240)
+                            cwd=REPO_ROOT, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _cache["root"] = tmp_root
     (tmp_root / "export.log").write_text(result.stderr)
