@@ -3,7 +3,7 @@
     python bench/bench_serve.py [--model all-MiniLM-L6-v2] [--requests 96] [--concurrency 1,8,32]
     python bench/bench_serve.py --compare-variants --beir-dir DIR [--max-passages 1500] [--out bench/results/serve.json]
 
-`--compare-variants`: build every ONNX variant the export stage builds (fp32, fp32_opt, int8), check each
+`--compare-variants`: build every CPU ONNX variant the export stage builds (fp32, fp32_opt, int8, int8_block), check each
 against torch on a real BEIR test set (cosine, metric drift @5+), serve each one that is within tolerance
 and the torch backend, and record the fastest within tolerance with its throughput ratio vs the torch server
 at concurrency 8 and its HTTP overhead vs in-process.
@@ -48,6 +48,7 @@ from embedpipe.onnx_export import (  # noqa: E402
     metric_drift,
     model_prompts,
     optimize_fp32,
+    quantize_int8_blockwise,
 )
 from embedpipe.retrieval import retrieve  # noqa: E402
 from embedpipe.server import ServerProcess  # noqa: E402
@@ -138,6 +139,8 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
     build = {"fp32": {}, "fp32_opt": {"fused": optimize_fp32(tmp / "model.onnx", tmp / "model_opt.onnx",
                                                              hf.num_attention_heads, hf.hidden_size)},
              "int8": build_int8(st, tmp, passages, pp)}
+    quantize_int8_blockwise(tmp / "model.onnx", tmp / "model_int8_block.onnx")
+    build["int8_block"] = {}
 
     def quality(fn) -> tuple[np.ndarray, dict[str, float], float]:
         start = time.perf_counter()

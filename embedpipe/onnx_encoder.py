@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = {"fp32": "model.onnx", "fp32_opt": "model_opt.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
-CPU_VARIANTS = ("fp32", "fp32_opt", "int8")  # candidates for the CPU default; fp16 is meant for GPUs
+VARIANTS = {"fp32": "model.onnx", "fp32_opt": "model_opt.onnx", "int8": "model_int8.onnx",
+            "int8_block": "model_int8_block.onnx", "fp16": "model_fp16.onnx"}
+CPU_VARIANTS = ("fp32", "fp32_opt", "int8", "int8_block")  # candidates for the CPU default; fp16 is meant for GPUs
 CONFIG_FILE = "embedpipe.json"
 
 
@@ -102,7 +103,7 @@ class _PaddedEncoder:
 
 
 class OnnxEncoder(_PaddedEncoder):
-    """An exported model folder run by onnxruntime (variant auto | fp32 | fp32_opt | int8 | fp16; device cpu |
+    """An exported model folder run by onnxruntime (variant auto | fp32 | fp32_opt | int8 | int8_block | fp16; device cpu |
     cuda | tensorrt). `auto` is the variant the export stage measured fastest within tolerance."""
 
     def __init__(self, folder: str | Path, variant: str = "fp32", device: str = "cpu", threads: int = 0,

@@ -121,6 +121,23 @@ def quantize_int8(src: str | Path, dst: str | Path, exclude: Sequence[str] = (),
     return Path(dst)
 
 
+def quantize_int8_blockwise(src: str | Path, dst: str | Path, block_size: int = 32) -> Path:
+    """8-bit weights in blocks of block_size along the reduction axis, int8 compute (MatMulNBits, accuracy_level 4).
+
+    With accuracy_level 4 onnxruntime also quantises the activations block by block, not with one scale per
+    tensor as dynamic int8 does, so one outlier only coarsens its own block: MiniLM cosine vs fp32 0.9996
+    where per-tensor dynamic int8 gives 0.985 (0.996 with the 6 worst MatMuls kept fp32). Needs onnx-ir.
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst))
+    return Path(dst)
+
+
 def weight_matmuls(model: Any) -> list[Any]:
     """The MatMul nodes of an onnx.ModelProto whose second input is a weight (what dynamic int8 quantises)."""
     weights = {i.name for i in model.graph.initializer}

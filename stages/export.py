@@ -36,6 +36,7 @@ from embedpipe.onnx_export import (
     metric_drift,
     model_prompts,
     optimize_fp32,
+    quantize_int8_blockwise,
     set_default_variant,
     tensorrt_provider_options,
     tensorrt_status,
@@ -128,6 +129,11 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
             build["int8"] = build_int8(model, out, calib_texts, passage_prompt, int(cfg["int8_fp32_matmuls"]),
                                        bool(cfg["int8_reduce_range"]), int(cfg["calibration_passages"]))
         variants.append("int8")
+    if cfg.get("int8_block"):
+        with console.status("int8_block: block-wise int8 (MatMulNBits)"):
+            quantize_int8_blockwise(out / VARIANTS["fp32"], out / VARIANTS["int8_block"], int(cfg["int8_block_size"]))
+        build["int8_block"] = {"block_size": int(cfg["int8_block_size"])}
+        variants.append("int8_block")
     if cfg.get("fp16"):
         convert_fp16(out / VARIANTS["fp32"], out / VARIANTS["fp16"])
         variants.append("fp16")
@@ -168,7 +174,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
             ok = entry["cosine_min"] >= (cos_min if variant == "fp32" else float(cfg["quantized_cosine_min"]))
         entry["passed"] = bool(ok)
         report[variant] = entry
-        if not ok and variant in ("fp32_opt", "int8", "fp16"):
+        if not ok and variant in ("fp32_opt", "int8", "int8_block", "fp16"):
             warn(f"{variant} failed its parity check (see metrics): dropped")
             (out / VARIANTS[variant]).unlink()
     if report.get("tensorrt", {}).get("passed") and shutil.which("trtexec"):

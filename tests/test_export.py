@@ -81,7 +81,12 @@ def test_fast_variants_are_built_checked_and_the_fastest_passing_one_is_the_defa
     assert report["default_variant"] == max(passed, key=lambda v: variants[v]["texts_per_s"])
     assert json.loads((out / "embedpipe.json").read_text())["default_variant"] == report["default_variant"]
     assert OnnxEncoder(out, "auto").variant == report["default_variant"]
-    for v in ("fp32_opt", "int8", "fp16"):  # every variant that passed is kept, every other one deleted
+    block = variants["int8_block"]
+    assert block["cosine_min"] > 0.999 and block["block_size"] == 32  # block-wise scales: far closer than int8
+    if block["passed"]:
+        graph = onnx.load(str(out / "model_int8_block.onnx"))
+        assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 36
+    for v in ("fp32_opt", "int8", "int8_block", "fp16"):  # every variant that passed is kept, every other deleted
         assert variants[v]["passed"] == (out / VARIANTS[v]).exists()
 
 
