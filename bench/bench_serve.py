@@ -102,16 +102,19 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--beir-dir", default="data/prep/eval", show_default=True, help="--compare-variants: test set.")
 @click.option("--max-passages", default=1500, show_default=True,
               help="--compare-variants: every relevant passage + this many others (0 = all).")
+@click.option("--variants", default="fp32,fp32_opt,int8,int8_block", show_default=True,
+              help="--compare-variants: which ONNX variants (fp32 always).")
 @click.option("--tolerance", default=0.01, show_default=True, help="Largest metric drift @5+ allowed.")
 @click.option("--out", "out_path", default="bench/results/serve.json", show_default=True,
               help="--compare-variants: result JSON.")
 def main(model: str, n_requests: int, concurrency: str, backends: str, compare_variants: bool, beir_dir: str,
-         max_passages: int, tolerance: float, out_path: str) -> None:
+         max_passages: int, variants: str, tolerance: float, out_path: str) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     st = load_model(model, device="cpu")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if compare_variants:
-            compare(model, st, Path(tmp), Path(beir_dir), max_passages, n_requests, levels, tolerance, Path(out_path))
+            compare(model, st, Path(tmp), Path(beir_dir), max_passages, n_requests, levels, tolerance, Path(out_path),
+                    [v.strip() for v in variants.split(",")])
         else:
             run(model, st, Path(tmp), load_texts(n_requests), levels, [b.strip() for b in backends.split(",")])
 
@@ -126,7 +129,7 @@ def beir_subset(folder: Path, max_passages: int) -> tuple[dict, dict, dict]:
 
 
 def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
-            tolerance: float, out_path: Path) -> None:
+            tolerance: float, out_path: Path, chosen: list[str]) -> None:
     """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant."""
     console = Console()
     logging.getLogger().setLevel(logging.ERROR)
@@ -136,11 +139,15 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
     qp, pp = model_prompts(st)
     export_onnx(st, tmp, "bench", qp, pp)
     hf = st[0].auto_model.config
-    build = {"fp32": {}, "fp32_opt": {"fused": optimize_fp32(tmp / "model.onnx", tmp / "model_opt.onnx",
-                                                             hf.num_attention_heads, hf.hidden_size)},
-             "int8": build_int8(st, tmp, passages, pp)}
-    quantize_int8_blockwise(tmp / "model.onnx", tmp / "model_int8_block.onnx")
-    build["int8_block"] = {}
+    build: dict[str, dict] = {"fp32": {}}
+    if "fp32_opt" in chosen:
+        build["fp32_opt"] = {"fused": optimize_fp32(tmp / "model.onnx", tmp / "model_opt.onnx",
+                                                    hf.num_attention_heads, hf.hidden_size)}
+    if "int8" in chosen:
+        build["int8"] = build_int8(st, tmp, passages, pp)
+    if "int8_block" in chosen:
+        quantize_int8_blockwise(tmp / "model.onnx", tmp / "model_int8_block.onnx")
+        build["int8_block"] = {}
 
     def quality(fn) -> tuple[np.ndarray, dict[str, float], float]:
         start = time.perf_counter()
@@ -193,7 +200,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
               "http_overhead_pct": variants[best]["http_overhead_pct"], "tolerance": tolerance,
               "concurrency": c, "model": model, "test_set": {"beir_dir": str(beir_dir), "passages": len(passages),
                                                               "queries": len(qtexts)},
-              "requests_per_cell": n_requests, "variants": variants, "inputs_per_s": speed,
+              "requests_per_cell": n_requests, "command": " ".join(["python", *sys.argv]), "variants": variants, "inputs_per_s": speed,
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}
     out_path.parent.mkdir(parents=True, exist_ok=True)
