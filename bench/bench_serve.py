@@ -1,6 +1,12 @@
 """Benchmark the embeddings server: ONNX fp32, ONNX int8 and torch backends, against in-process encoding.
 
     python bench/bench_serve.py [--model all-MiniLM-L6-v2] [--requests 96] [--concurrency 1,8,32]
+    python bench/bench_serve.py --compare-variants --beir-dir DIR [--max-passages 1500] [--out bench/results/serve.json]
+
+`--compare-variants`: build every CPU ONNX variant the export stage builds (fp32, fp32_opt, int8, int8_block), check each
+against torch on a real BEIR test set (cosine, metric drift @5+), serve each one that is within tolerance
+and the torch backend, and record the fastest within tolerance with its throughput ratio vs the torch server
+at concurrency 8 and its HTTP overhead vs in-process.
 
 Each request carries one passage (the serving case) and asks for base64, as the openai client does.
 In-process reference at concurrency c: the same passages encoded in batches of c, one batch after
@@ -33,10 +39,24 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.io import load_corpus, passage_text  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+
+from embedpipe.io import load_beir, load_corpus, passage_text  # noqa: E402
+from embedpipe.metrics import evaluate  # noqa: E402
 from embedpipe.models import encode, load_model  # noqa: E402
 from embedpipe.onnx_encoder import OnnxEncoder  # noqa: E402
-from embedpipe.onnx_export import export_onnx, quantize_int8  # noqa: E402
+from embedpipe.onnx_export import (  # noqa: E402
+    build_int8,
+    cosine_parity,
+    export_onnx,
+    metric_drift,
+    model_prompts,
+    optimize_fp32,
+    quantize_int8_blockwise,
+)
+from embedpipe.retrieval import retrieve  # noqa: E402
 from embedpipe.server import ServerProcess  # noqa: E402
 
 
@@ -88,22 +108,126 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--abuse-concurrency", default=8, show_default=True, help="Abuse scenario: normal clients.")
 @click.option("--huge-inputs", default=512, show_default=True, help="Abuse scenario: inputs in the huge request.")
 @click.option("--huge-chars", default=16_000, show_default=True, help="Abuse scenario: characters per huge input.")
+@click.option("--compare-variants", is_flag=True, help="Quality + speed of every ONNX variant on a BEIR set.")
+@click.option("--beir-dir", default="data/prep/eval", show_default=True, help="--compare-variants: test set.")
+@click.option("--max-passages", default=1500, show_default=True,
+              help="--compare-variants: every relevant passage + this many others (0 = all).")
+@click.option("--variants", default="fp32,fp32_opt,int8,int8_block", show_default=True,
+              help="--compare-variants: which ONNX variants (fp32 always).")
+@click.option("--tolerance", default=0.01, show_default=True, help="Largest metric drift @5+ allowed.")
+@click.option("--out", "out_path", default="bench/results/serve.json", show_default=True,
+              help="--compare-variants: result JSON.")
 def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bool, abuse_concurrency: int,
-         huge_inputs: int, huge_chars: int) -> None:
+         huge_inputs: int, huge_chars: int, compare_variants: bool, beir_dir: str, max_passages: int, variants: str,
+         tolerance: float, out_path: str) -> None:
     levels = [int(c) for c in concurrency.split(",")]
-    texts = load_texts(n_requests)
     st = load_model(model, device="cpu")
     if abuse:
         with tempfile.TemporaryDirectory(prefix="bench-serve-abuse-") as tmp:
-            abuse_scenario(st, Path(tmp), texts, abuse_concurrency, huge_inputs, huge_chars)
+            abuse_scenario(st, Path(tmp), load_texts(n_requests), abuse_concurrency, huge_inputs, huge_chars)
         return
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        run(model, st, Path(tmp), texts, levels, [b.strip() for b in backends.split(",")])
+        if compare_variants:
+            compare(model, st, Path(tmp), Path(beir_dir), max_passages, n_requests, levels, tolerance, Path(out_path),
+                    [v.strip() for v in variants.split(",")])
+        else:
+            run(model, st, Path(tmp), load_texts(n_requests), levels, [b.strip() for b in backends.split(",")])
+
+
+def beir_subset(folder: Path, max_passages: int) -> tuple[dict, dict, dict]:
+    """The test set with every relevant passage and the first max_passages others (file order)."""
+    corpus, queries, qrels = load_beir(folder)
+    relevant = {pid for rels in qrels.values() for pid in rels}
+    others = [pid for pid in corpus if pid not in relevant]
+    keep = relevant | set(others[:max_passages] if max_passages else others)
+    return {k: v for k, v in corpus.items() if k in keep}, queries, qrels
+
+
+def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
+            tolerance: float, out_path: Path, chosen: list[str]) -> None:
+    """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant."""
+    console = Console()
+    logging.getLogger().setLevel(logging.ERROR)
+    corpus, queries, qrels = beir_subset(beir_dir, max_passages)
+    pids, qids = list(corpus), list(queries)
+    passages, qtexts = [passage_text(r) for r in corpus.values()], [q["text"] for q in queries.values()]
+    qp, pp = model_prompts(st)
+    export_onnx(st, tmp, "bench", qp, pp)
+    hf = st[0].auto_model.config
+    build: dict[str, dict] = {"fp32": {}}
+    if "fp32_opt" in chosen:
+        build["fp32_opt"] = {"fused": optimize_fp32(tmp / "model.onnx", tmp / "model_opt.onnx",
+                                                    hf.num_attention_heads, hf.hidden_size)}
+    if "int8" in chosen:
+        build["int8"] = build_int8(st, tmp, passages, pp)
+    if "int8_block" in chosen:
+        quantize_int8_blockwise(tmp / "model.onnx", tmp / "model_int8_block.onnx")
+        build["int8_block"] = {}
+
+    def quality(fn) -> tuple[np.ndarray, dict[str, float], float]:
+        start = time.perf_counter()
+        p, q = fn(passages, pp), fn(qtexts, qp)
+        seconds = time.perf_counter() - start
+        return np.concatenate([p, q]), evaluate(qrels, retrieve(q, p, qids, pids, k=100)), seconds
+
+    console.print(f"quality on {beir_dir}: {len(passages)} passages, {len(qtexts)} queries")
+    ref, ref_metrics, torch_s = quality(lambda t, p: encode(st, t, p))
+    variants: dict[str, dict] = {}
+    for name in build:
+        encoder = OnnxEncoder(tmp, name)
+        encoder.encode(passages[:8])
+        emb, metrics, seconds = quality(encoder.encode)
+        drift = metric_drift(ref_metrics, metrics)
+        variants[name] = {**cosine_parity(ref, emb), "metric_drift": drift, "passed": drift <= tolerance,
+                          "encode_speed_vs_torch": round(torch_s / seconds, 2),
+                          **{k: v for k, v in build[name].items() if k in ("fused", "fp32_matmuls")}}
+        console.print(f"{name}: cosine min {variants[name]['cosine_min']:.5f}, drift {drift:.4f}, "
+                      f"{variants[name]['encode_speed_vs_torch']}x torch (in-process, whole test set)")
+
+    texts = [passages[i % len(passages)] for i in range(n_requests)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    speed: dict[str, dict[str, float]] = {}
+    runs = {f"onnx {v}": (["--model-dir", str(tmp), "--variant", v], OnnxEncoder(tmp, v).encode)
+            for v in variants if variants[v]["passed"]}
+    runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model], lambda t: encode(st, t))
+    for name, (args, in_process) in runs.items():
+        in_process(texts[:8])
+        with ServerProcess([*args, "--model-name", "bench"], cwd=str(ROOT), env=env) as server:
+            drive_server(server.base_url, texts[:8], 2)  # warm-up
+            for c in levels:
+                seconds, _ = drive_server(server.base_url, texts, c)
+                speed.setdefault(name, {})[f"server_c{c}"] = round(len(texts) / seconds, 1)
+        for c in levels:
+            seconds, _ = drive_in_process(in_process, texts, c)
+            speed[name][f"in_process_c{c}"] = round(len(texts) / seconds, 1)
+        console.print(f"{name}: {speed[name]} inputs/s")
+
+    c = 8 if 8 in levels else max(levels)
+    for v in variants:
+        if f"onnx {v}" in speed:
+            s = speed[f"onnx {v}"]
+            variants[v]["throughput_ratio_vs_torch_c8"] = round(s[f"server_c{c}"] / speed["torch"][f"server_c{c}"], 2)
+            variants[v]["http_overhead_pct"] = round(100 * (1 - s[f"server_c{c}"] / s[f"in_process_c{c}"]), 1)
+    passed = [v for v in variants if variants[v]["passed"]]
+    best = max(passed, key=lambda v: variants[v]["throughput_ratio_vs_torch_c8"])
+    result = {"variant": best, "metric_drift": variants[best]["metric_drift"],
+              "throughput_ratio_vs_torch_c8": variants[best]["throughput_ratio_vs_torch_c8"],
+              "http_overhead_pct": variants[best]["http_overhead_pct"], "tolerance": tolerance,
+              "concurrency": c, "model": model, "test_set": {"beir_dir": str(beir_dir), "passages": len(passages),
+                                                              "queries": len(qtexts)},
+              "requests_per_cell": n_requests, "command": " ".join(["python", *sys.argv]), "variants": variants, "inputs_per_s": speed,
+              "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                          "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    console.print(f"default = {best}: drift {result['metric_drift']:.4f}, "
+                  f"{result['throughput_ratio_vs_torch_c8']}x the torch server at c={c} (goal >= 2x), "
+                  f"HTTP overhead {result['http_overhead_pct']}% (goal <= 15%) -> {out_path}")
 
 
 def run(model: str, st, tmp: Path, texts: list[str], levels: list[int], chosen: list[str]) -> None:
     export_onnx(st, tmp, "bench", "", "")
-    quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")
+    build_int8(st, tmp, texts, "")  # as the export stage builds it
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     runs = {
         "onnx fp32": (["--model-dir", str(tmp), "--variant", "fp32"], OnnxEncoder(tmp, "fp32").encode),

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = {"fp32": "model.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
+VARIANTS = {"fp32": "model.onnx", "fp32_opt": "model_opt.onnx", "int8": "model_int8.onnx",
+            "int8_block": "model_int8_block.onnx", "fp16": "model_fp16.onnx"}
+CPU_VARIANTS = ("fp32", "fp32_opt", "int8", "int8_block")  # candidates for the CPU default; fp16 is meant for GPUs
 CONFIG_FILE = "embedpipe.json"
 
 
@@ -28,6 +30,14 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ExportNotFound(f"{path} not found: run the export stage first (`dvc repro export`)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def resolve_variant(folder: str | Path, variant: str) -> str:
+    """`auto` -> the export's `default_variant` (the fastest CPU variant that passed parity), else fp32."""
+    if variant != "auto":
+        return variant
+    chosen = read_export_config(folder).get("default_variant", "fp32")
+    return chosen if (Path(folder) / VARIANTS.get(chosen, "-")).is_file() else "fp32"
 
 
 def providers_for(device: str) -> list[Any]:
@@ -45,6 +55,20 @@ def providers_for(device: str) -> list[Any]:
             "install onnxruntime-gpu on a CUDA machine, or use device cpu"
         )
     return [*wanted[device], "CPUExecutionProvider"]
+
+
+def padded_batches(ids: list[list[int]], batch_size: int, pad: int):
+    """(row indices, input_ids, attention_mask) batches of similar lengths (less padding), int64 arrays."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = np.full((len(rows), width), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for r, i in enumerate(rows):
+            input_ids[r, : len(ids[i])] = ids[i]
+            mask[r, : len(ids[i])] = 1
+        yield rows, input_ids, mask
 
 
 class _PaddedEncoder:
@@ -70,16 +94,7 @@ class _PaddedEncoder:
 
     def encode_ids(self, ids: list[list[int]], batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(ids), self.dimension), dtype=np.float32)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = np.full((len(rows), width), pad, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for r, i in enumerate(rows):
-                input_ids[r, : len(ids[i])] = ids[i]
-                mask[r, : len(ids[i])] = 1
+        for rows, input_ids, mask in padded_batches(ids, batch_size, self.tokenizer.pad_token_id or 0):
             out[rows] = self._run(input_ids, mask)
         return out
 
@@ -88,7 +103,8 @@ class _PaddedEncoder:
 
 
 class OnnxEncoder(_PaddedEncoder):
-    """An exported model folder run by onnxruntime (variant fp32 | int8 | fp16; device cpu | cuda | tensorrt)."""
+    """An exported model folder run by onnxruntime (variant auto | fp32 | fp32_opt | int8 | int8_block | fp16; device cpu |
+    cuda | tensorrt). `auto` is the variant the export stage measured fastest within tolerance."""
 
     def __init__(self, folder: str | Path, variant: str = "fp32", device: str = "cpu", threads: int = 0,
                  provider_options: dict[str, Any] | None = None):
@@ -97,8 +113,9 @@ class OnnxEncoder(_PaddedEncoder):
 
         folder = Path(folder)
         self.config = read_export_config(folder)
+        variant = resolve_variant(folder, variant)
         if variant not in VARIANTS:
-            raise ValueError(f"unknown variant '{variant}' ({' | '.join(VARIANTS)})")
+            raise ValueError(f"unknown variant '{variant}' (auto | {' | '.join(VARIANTS)})")
         path = folder / VARIANTS[variant]
         if not path.is_file():
             raise ExportNotFound(f"{path} not found (the export stage writes it only when it passes its parity check)")

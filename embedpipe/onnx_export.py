@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.onnx_encoder import CONFIG_FILE, VARIANTS
+from embedpipe.onnx_encoder import CONFIG_FILE, VARIANTS, padded_batches
 
 OUTPUT_NAME = "sentence_embedding"
 
@@ -69,9 +69,20 @@ def export_onnx(model: Any, out_dir: str | Path, name: str, query_prompt: str, p
     args = tuple(sample[n] for n in names)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {OUTPUT_NAME: {0: "batch"}}
     path = out_dir / VARIANTS["fp32"]
-    with torch.no_grad():
-        torch.onnx.export(Graph(model).eval(), args, str(path), input_names=names, output_names=[OUTPUT_NAME],
-                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    # Eager attention traces to the MatMul/Softmax pattern onnxruntime's transformer optimizer fuses into its
+    # Attention op (the SDPA trace is not recognised); same math, so parity is unchanged.
+    hf = getattr(model[0], "auto_model", None)
+    attn = getattr(getattr(hf, "config", None), "_attn_implementation", None)
+    eager = attn not in (None, "eager") and hasattr(hf, "set_attn_implementation")
+    try:
+        if eager:
+            hf.set_attn_implementation("eager")
+        with torch.no_grad():
+            torch.onnx.export(Graph(model).eval(), args, str(path), input_names=names, output_names=[OUTPUT_NAME],
+                              dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    finally:
+        if eager:
+            hf.set_attn_implementation(attn)
     model.tokenizer.save_pretrained(str(out_dir))
     config = {
         "name": name,
@@ -87,17 +98,145 @@ def export_onnx(model: Any, out_dir: str | Path, name: str, query_prompt: str, p
     return path
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantisation of the MatMul weights, per channel.
+def set_default_variant(out_dir: str | Path, variant: str) -> None:
+    """Record in embedpipe.json the variant `serve.variant: auto` serves (the fastest that passed parity)."""
+    path = Path(out_dir) / CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["default_variant"] = variant
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
-    The default quantize_dynamic (per-tensor, all ops) drops cosine to ~0.96 on real text; per-channel
-    MatMul-only keeps ~0.994 at ~1.9x the torch CPU speed.
+
+def quantize_int8(src: str | Path, dst: str | Path, exclude: Sequence[str] = (), reduce_range: bool = True) -> Path:
+    """Dynamic int8 quantisation of the MatMul weights, per channel, leaving the `exclude` MatMuls in fp32.
+
+    Per-tensor/all-ops quantize_dynamic drops cosine to ~0.96 on real text; per-channel MatMul-only gives ~0.99,
+    still too far for retrieval (metric drift 0.03 on a real corpus). reduce_range (7-bit weights) avoids the
+    u8*s8 pair-sum saturation of AVX2 int8 kernels (VPMADDUBSW) on CPUs without VNNI; keeping the few MatMuls
+    whose inputs carry outliers (see matmul_sensitivity) in fp32 removes most of the remaining error.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), per_channel=True, op_types_to_quantize=["MatMul"],
-                     weight_type=QuantType.QInt8)
+    quantize_dynamic(str(src), str(dst), per_channel=True, reduce_range=reduce_range, op_types_to_quantize=["MatMul"],
+                     weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
     return Path(dst)
+
+
+def quantize_int8_blockwise(src: str | Path, dst: str | Path, block_size: int = 32) -> Path:
+    """8-bit weights in blocks of block_size along the reduction axis, int8 compute (MatMulNBits, accuracy_level 4).
+
+    With accuracy_level 4 onnxruntime also quantises the activations block by block, not with one scale per
+    tensor as dynamic int8 does, so one outlier only coarsens its own block: MiniLM cosine vs fp32 0.9996
+    where per-tensor dynamic int8 gives 0.985 (0.996 with the 6 worst MatMuls kept fp32). Needs onnx-ir.
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst))
+    return Path(dst)
+
+
+def weight_matmuls(model: Any) -> list[Any]:
+    """The MatMul nodes of an onnx.ModelProto whose second input is a weight (what dynamic int8 quantises)."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def int8_matmul_error(x: np.ndarray, w: np.ndarray, reduce_range: bool = True, max_rows: int = 256) -> float:
+    """Relative error ||XW - Q(X)Q(W)|| / ||XW|| of one MatMul as onnxruntime's dynamic int8 computes it.
+
+    Activations: uint8, asymmetric, one scale per tensor (DynamicQuantizeLinear, so the scale comes from the
+    whole tensor); weights: int8, symmetric, one scale per output column (per_channel), 7 bits with
+    reduce_range. The error is estimated on at most max_rows evenly spaced rows (keeps it cheap).
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    lo, hi = min(float(x2.min()), 0.0), max(float(x2.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.round(-lo / scale)
+    x2 = x2[:: max(1, len(x2) // max_rows)].astype(np.float32)
+    xq = (np.clip(np.round(x2 / scale) + zero, 0, 255) - zero) * np.float32(scale)
+    qmax = 63 if reduce_range else 127
+    w = w.astype(np.float32)
+    w_scale = np.abs(w).max(axis=0, keepdims=True) / qmax
+    w_scale[w_scale == 0] = 1.0
+    wq = np.clip(np.round(w / w_scale), -qmax, qmax) * w_scale
+    y = x2 @ w
+    return float(np.linalg.norm(xq @ wq - y) / max(float(np.linalg.norm(y)), 1e-12))
+
+
+def matmul_sensitivity(src: str | Path, feeds: Sequence[dict[str, np.ndarray]],
+                       reduce_range: bool = True) -> dict[str, float]:
+    """Mean relative int8 error of each weight MatMul on real activations, largest first.
+
+    One fp32 run with every MatMul input exposed as an output, then each MatMul's int8 error computed alone
+    (no accumulation from earlier layers), so the ranking says which layers quantisation hurts, not where
+    errors happen to land.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src))
+    nodes = weight_matmuls(model)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+               if i.name in {n.input[1] for n in nodes}}
+    outputs = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(n.input[0] for n in nodes):
+        if name not in outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    errors: dict[str, list[float]] = {n.name: [] for n in nodes}
+    for feed in feeds:
+        acts = dict(zip([n.input[0] for n in nodes],
+                        session.run([n.input[0] for n in nodes], {k: v for k, v in feed.items() if k in wanted})))
+        for n in nodes:
+            errors[n.name].append(int8_matmul_error(acts[n.input[0]], weights[n.input[1]], reduce_range))
+    mean = {k: float(np.mean(v)) for k, v in errors.items()}
+    return dict(sorted(mean.items(), key=lambda kv: -kv[1]))
+
+
+def calibration_feeds(model: Any, passages: Sequence[str], prompt: str, n: int,
+                      batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """Token-id batches of up to n of the corpus' own passages (evenly spaced), as the graph takes them."""
+    step = max(1, len(passages) // max(n, 1))
+    texts = [prompt + t for t in list(passages)[::step][:n]]
+    ids = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
+    pad = model.tokenizer.pad_token_id or 0
+    return [{"input_ids": i, "attention_mask": m, "token_type_ids": np.zeros_like(i)}
+            for _, i, m in padded_batches(ids, batch_size, pad)]
+
+
+def build_int8(model: Any, out_dir: str | Path, passages: Sequence[str], prompt: str, fp32_matmuls: int = 6,
+               reduce_range: bool = True, calibration_passages: int = 64) -> dict[str, Any]:
+    """OUT/model_int8.onnx from OUT/model.onnx: dynamic int8, the `fp32_matmuls` MatMuls with the largest
+    int8 error (measured on `passages`) kept in fp32. Returns what was done, for the metrics."""
+    out_dir = Path(out_dir)
+    excluded: list[str] = []
+    info: dict[str, Any] = {"reduce_range": reduce_range}
+    if fp32_matmuls > 0:
+        feeds = calibration_feeds(model, passages, prompt, calibration_passages)
+        errors = matmul_sensitivity(out_dir / VARIANTS["fp32"], feeds, reduce_range)
+        excluded = list(errors)[:fp32_matmuls]
+        info["calibration_passages"] = sum(len(f["input_ids"]) for f in feeds)
+        info["matmul_int8_error"] = {k: round(v, 5) for k, v in list(errors.items())[: fp32_matmuls + 3]}
+    quantize_int8(out_dir / VARIANTS["fp32"], out_dir / VARIANTS["int8"], excluded, reduce_range)
+    info["fp32_matmuls"] = excluded
+    return info
+
+
+def optimize_fp32(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """onnxruntime's transformer optimizer (model_type bert): fused attention, (Skip)LayerNorm, Gelu; fp32.
+
+    Returns the fused-operator counts, so the stage can say when nothing fused (a new architecture).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0)
+    optimized.save_model_to_file(str(dst))
+    return {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:

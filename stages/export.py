@@ -1,8 +1,9 @@
-"""Stage `export`: models/finetuned -> models/onnx (fp32 + int8 + fp16 ONNX, TensorRT on GPU, Triton repo).
+"""Stage `export`: models/finetuned -> models/onnx (fp32, optimised fp32, int8, fp16 ONNX, TensorRT on GPU, Triton).
 
 Every variant is checked against the PyTorch model on the test set (cosine per text, and the retrieval
-metrics through the same code as the eval stage); the fp32 graph failing its check fails the stage, a
-quantised variant failing its check is dropped.
+metrics through the same code as the eval stage); the fp32 graph failing its check fails the stage, any other
+variant failing its check is dropped. The fastest CPU variant that passed becomes the served default
+(`default_variant` in embedpipe.json, used by `serve.variant: auto`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from embedpipe.embed_store import encode_cached, encode_counts
 from embedpipe.io import FormatError, load_beir, load_corpus, passage_text, write_json
 from embedpipe.metrics import evaluate
 from embedpipe.models import ModelNotAvailable, encode, load_model
-from embedpipe.onnx_encoder import VARIANTS, OnnxEncoder
+from embedpipe.onnx_encoder import CPU_VARIANTS, VARIANTS, OnnxEncoder
 from embedpipe.onnx_export import (
+    build_int8,
     build_trt_plan,
     convert_fp16,
     cosine_parity,
@@ -34,7 +36,9 @@ from embedpipe.onnx_export import (
     input_names,
     metric_drift,
     model_prompts,
-    quantize_int8,
+    optimize_fp32,
+    quantize_int8_blockwise,
+    set_default_variant,
     tensorrt_provider_options,
     tensorrt_status,
     timed,
@@ -137,11 +141,33 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         warn(f"parity is checked on only {n_texts} texts (< {cfg['min_parity_texts']}): a larger test set is safer")
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's "consider pre-processing" advice
-    variants = ["fp32"] + [v for v in ("int8", "fp16") if cfg.get(v)]
+    variants = ["fp32"]
+    build: dict[str, dict[str, Any]] = {}
+    if cfg.get("optimize"):
+        hf = getattr(model[0], "auto_model", None)
+        heads, hidden = (getattr(hf.config, "num_attention_heads", 0), getattr(hf.config, "hidden_size", 0)) if hf else (0, 0)
+        try:
+            with console.status("optimising the fp32 graph (onnxruntime transformer optimizer)"):
+                build["fp32_opt"] = {"fused": optimize_fp32(out / VARIANTS["fp32"], out / VARIANTS["fp32_opt"],
+                                                            heads, hidden)}
+            variants.append("fp32_opt")
+        except Exception as e:  # an architecture the optimizer does not know: fp32 still serves
+            warn(f"fp32_opt: the transformer optimizer failed ({type(e).__name__}: {e}); skipped")
     if cfg.get("int8"):
-        quantize_int8(out / VARIANTS["fp32"], out / VARIANTS["int8"])
+        calib = load_corpus(Path(cfg["fallback_corpus"])) if Path(cfg["fallback_corpus"]).is_file() else {}
+        calib_texts = [passage_text(r) for r in calib.values()] or data["passages"]
+        with console.status("int8: measuring per-MatMul sensitivity and quantising"):
+            build["int8"] = build_int8(model, out, calib_texts, passage_prompt, int(cfg["int8_fp32_matmuls"]),
+                                       bool(cfg["int8_reduce_range"]), int(cfg["calibration_passages"]))
+        variants.append("int8")
+    if cfg.get("int8_block"):
+        with console.status("int8_block: block-wise int8 (MatMulNBits)"):
+            quantize_int8_blockwise(out / VARIANTS["fp32"], out / VARIANTS["int8_block"], int(cfg["int8_block_size"]))
+        build["int8_block"] = {"block_size": int(cfg["int8_block_size"])}
+        variants.append("int8_block")
     if cfg.get("fp16"):
         convert_fp16(out / VARIANTS["fp32"], out / VARIANTS["fp16"])
+        variants.append("fp16")
     trt_reason = tensorrt_status() if cfg["tensorrt"]["enabled"] else "disabled in params (export.tensorrt.enabled)"
     if trt_reason is None:
         variants.append("tensorrt")
@@ -172,7 +198,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         encoder.encode(data["passages"][:2])  # warm-up (TensorRT builds its engine here)
         emb, seconds, metrics = run_encoder(encoder.encode, data, query_prompt, passage_prompt)
         entry = {"file_mb": file_mb(path), **cosine_parity(ref, emb), "speed_vs_torch": round(torch_s / seconds, 2),
-                 "texts_per_s": round(n_texts / seconds, 1), "metrics": metrics}
+                 "texts_per_s": round(n_texts / seconds, 1), "metrics": metrics, **build.get(variant, {})}
         if metrics:
             entry["metric_max_drift"] = metric_drift(ref_metrics, metrics)
             ok = entry["metric_max_drift"] <= tol and (variant != "fp32" or entry["cosine_min"] >= cos_min)
@@ -180,7 +206,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
             ok = entry["cosine_min"] >= (cos_min if variant == "fp32" else float(cfg["quantized_cosine_min"]))
         entry["passed"] = bool(ok)
         report[variant] = entry
-        if not ok and variant in ("int8", "fp16"):
+        if not ok and variant in ("fp32_opt", "int8", "int8_block", "fp16"):
             warn(f"{variant} failed its parity check (see metrics): dropped")
             (out / VARIANTS[variant]).unlink()
     if report.get("tensorrt", {}).get("passed") and shutil.which("trtexec"):
@@ -190,6 +216,10 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     elif trt_reason is not None:
         report["tensorrt"] = {"skipped": trt_reason}
 
+    passed = [v for v in CPU_VARIANTS if report.get(v, {}).get("passed")]
+    default = max(passed, key=lambda v: report[v]["texts_per_s"]) if passed else "fp32"
+    set_default_variant(out, default)
+
     triton_name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     triton = write_triton_repo(out / VARIANTS["fp32"], out / "triton", triton_name, names,
                                model.get_embedding_dimension(), int(cfg["triton"]["max_batch"]),
@@ -197,7 +227,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     result = {"model_name": name, "source": source, "opset": int(cfg["opset"]), "export_s": round(export_s, 2),
               "max_seq_length": model.max_seq_length, "dimension": model.get_embedding_dimension(),
               "parity_texts": n_texts, "parity_source": data["source"], "cosine_min_required": cos_min,
-              "metric_tolerance": tol, "variants": report, "triton_repo": str(triton),
+              "metric_tolerance": tol, "default_variant": default, "variants": report, "triton_repo": str(triton),
               "wall_time_s": round(time.time() - started, 2)}
     write_json(metrics_path, result)
 
@@ -217,6 +247,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
             verdict = "kept" if entry["passed"] else "FAILED"
             rows[variant] = (f"{verdict}: {entry['file_mb']} MB, cos min {entry['cosine_min']:.5f}{drift}, "
                              f"{entry['speed_vs_torch']}x")
+    rows["default variant"] = f"{default} (fastest CPU variant within tolerance; serve.variant auto)"
     rows["triton repo"] = str(triton)
     rows["wall time s"] = result["wall_time_s"]
     summary("export", rows)

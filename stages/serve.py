@@ -24,8 +24,8 @@ from embedpipe.params import load_params, section
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
 @click.option("--model-dir", default=None, help="Exported folder (overrides serve.model_dir).")
 @click.option("--backend", type=click.Choice(["onnx", "torch"]), default=None, help="Overrides serve.backend.")
-@click.option("--variant", type=click.Choice(["fp32", "int8", "fp16"]), default=None,
-              help="ONNX variant (overrides serve.variant).")
+@click.option("--variant", type=click.Choice(["auto", "fp32", "fp32_opt", "int8", "int8_block", "fp16"]), default=None,
+              help="ONNX variant (overrides serve.variant; auto: the export's fastest within tolerance).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="onnxruntime provider, or torch device (overrides serve.device).")
 @click.option("--torch-model", default=None, help="Torch backend: model folder or name (overrides serve.torch_model).")

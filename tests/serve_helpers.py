@@ -30,12 +30,12 @@ def make_session_export(tmp_root: Path, tiny_corpus_path: Path) -> Path:
     params["model"].update(query_prompt=QUERY_PROMPT, passage_prompt=PASSAGE_PROMPT)
     params["export"].update(input="all-MiniLM-L6-v2", out_dir=str(tmp_root / "onnx"), eval_dir=str(tmp_root / "eval"),
                             model_name="test-embed")
-    params["serve"].update(model_dir=str(tmp_root / "onnx"), api_key_env=API_KEY_ENV, max_inputs_per_request=16,
+    params["serve"].update(model_dir=str(tmp_root / "onnx"), variant="fp32", api_key_env=API_KEY_ENV, max_inputs_per_request=16,
                            max_payload_mb=0.05, max_wait_ms=20, max_batch_size=64)
     (tmp_root / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, "stages/export.py", "--params", str(tmp_root / "params.yaml"),
                              "--metrics", str(tmp_root / "export.json")],
-                            cwd=REPO_ROOT, env=stage_env(), capture_output=True, text=True, timeout=240)
+                            cwd=REPO_ROOT, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _cache["root"] = tmp_root
     (tmp_root / "export.log").write_text(result.stderr)

@@ -1,4 +1,4 @@
-"""The export stage on MiniLM: one graph ids -> normalised embedding, parity with PyTorch, int8, Triton repo."""
+"""The export stage on MiniLM: one graph ids -> normalised embedding, parity with PyTorch, fast variants, Triton."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from embedpipe.io import load_corpus, passage_text
 from embedpipe.models import encode
-from embedpipe.onnx_encoder import OnnxEncoder
+from embedpipe.onnx_encoder import CPU_VARIANTS, VARIANTS, OnnxEncoder
+from embedpipe.onnx_export import int8_matmul_error
 from tests.serve_helpers import PASSAGE_PROMPT, QUERY_PROMPT, make_session_export
 
 
@@ -58,3 +59,41 @@ def test_onnx_encoder_matches_torch(exported, minilm, tiny_corpus_path):
         assert ours.dtype == np.float32 and ours.shape == (10, 384)
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
         assert np.min(np.sum(ours * ref, axis=1)) > 0.9999  # incl. a text truncated at 256 tokens
+
+
+def test_fast_variants_are_built_checked_and_the_fastest_passing_one_is_the_default(exported):
+    report = json.loads((exported / "export.json").read_text())
+    out, variants = exported / "onnx", report["variants"]
+    opt = variants["fp32_opt"]
+    assert opt["fused"].get("Attention", 0) == 6 and opt["fused"].get("SkipLayerNormalization", 0) >= 6  # 6 layers
+    assert opt["passed"] and opt["cosine_min"] > 0.9999 and opt["metric_max_drift"] <= 0.01
+    int8 = variants["int8"]
+    assert int8["reduce_range"] is True and len(int8["fp32_matmuls"]) == 6
+    # the excluded MatMuls are the ones with the largest measured error, and stay float MatMuls in the int8 graph
+    errors = list(int8["matmul_int8_error"].values())
+    assert errors == sorted(errors, reverse=True) and list(int8["matmul_int8_error"])[:6] == int8["fp32_matmuls"]
+    if int8["passed"]:
+        graph = onnx.load(str(out / "model_int8.onnx"))
+        matmuls = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
+        assert set(int8["fp32_matmuls"]) <= matmuls
+        assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node) == 30
+    passed = [v for v in CPU_VARIANTS if variants[v]["passed"]]
+    assert report["default_variant"] == max(passed, key=lambda v: variants[v]["texts_per_s"])
+    assert json.loads((out / "embedpipe.json").read_text())["default_variant"] == report["default_variant"]
+    assert OnnxEncoder(out, "auto").variant == report["default_variant"]
+    block = variants["int8_block"]
+    assert block["cosine_min"] > 0.999 and block["block_size"] == 32  # block-wise scales: far closer than int8
+    if block["passed"]:
+        graph = onnx.load(str(out / "model_int8_block.onnx"))
+        assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 36
+    for v in ("fp32_opt", "int8", "int8_block", "fp16"):  # every variant that passed is kept, every other deleted
+        assert variants[v]["passed"] == (out / VARIANTS[v]).exists()
+
+
+def test_int8_matmul_error_grows_with_activation_outliers():
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(64, 32)).astype(np.float32), rng.normal(size=(32, 16)).astype(np.float32)
+    plain = int8_matmul_error(x, w)
+    x[0, 0] = 200.0  # one outlier stretches the per-tensor activation scale for every row
+    assert plain < 0.03 < int8_matmul_error(x, w)
+    assert int8_matmul_error(x, w, reduce_range=False) < int8_matmul_error(x, w, reduce_range=True)
