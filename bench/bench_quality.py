@@ -528,8 +528,6 @@ def main(
 
     work, resumed = prepare_workdir(workdir)
     cache = Path(cache_dir).resolve() if cache_dir else work / "cache"
-    if "cache_dir" in (params.get("prep") or {}):
-        params["prep"]["cache_dir"] = str(cache / "embeddings")  # prep's own base-model cache, shared by seeds
     models_dir = get_dotted(params, "sdg.llm.models_dir")
     if models_dir and not Path(models_dir).is_absolute():  # reuse the repo's assembled GGUF, as `make run` does
         set_dotted(params, "sdg.llm.models_dir", str(ROOT / models_dir), warn_new=False)
