@@ -87,6 +87,8 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
         raise click.ClickException(str(e)) from None
     name = export["name"]
     variant = variant or cfg["variant"]
+    if variant == "auto":  # what the server will pick: the export's fastest variant within tolerance
+        variant = export.get("default_variant") or "fp32"
     full_max = int(cfg.get("full_eval_max_passages", 2000))
     sample: dict[str, list[str]] = {}
     reference = None
