@@ -109,7 +109,10 @@ def test_bench_end_to_end_on_a_tiny_pair(tmp_path: Path, tiny_docs_dir: Path, ti
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("reused from an earlier run") == 6
     rerun = json.loads(out.read_text())
-    assert rerun["per_seed"] == result["per_seed"] and rerun["wall_time_s"] >= result["wall_time_s"] - 5
+    assert rerun["per_seed"] == result["per_seed"]
+    # Reused steps count with their original time (the first run's time outside the steps is not repeated).
+    step_times = [t for t in result["stage_times_s"].values() for t in (t if isinstance(t, list) else [t])]
+    assert rerun["wall_time_s"] >= sum(step_times) - 0.5
 
 
 def test_bad_inputs_fail_with_a_clear_message(tmp_path: Path, tiny_docs_dir: Path, tiny_corpus_path: Path):
