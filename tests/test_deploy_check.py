@@ -52,7 +52,8 @@ def _deploy(exported, repo_root, work, **deploy) -> tuple[subprocess.CompletedPr
     export = json.loads((exported / "export.json").read_text())
     reference = work / "eval.json"  # what eval would have written: the torch metrics on the same test set
     reference.write_text(json.dumps({"finetuned": export["variants"]["torch"]["metrics"]}))
-    params["deploy"].update(eval_dir=str(exported / "eval"), reference=str(reference),
+    # fp32 served: the export's `auto` default is picked by measured speed, which varies with machine load.
+    params["deploy"].update(variant="fp32", eval_dir=str(exported / "eval"), reference=str(reference),
                             reference_model="all-MiniLM-L6-v2", sample_passages=8, **deploy)
     params["serve"]["max_inputs_per_request"] = 64  # the session export's 16 is for the server's limit tests
     (work / "params.yaml").write_text(yaml.safe_dump(params))
