@@ -202,14 +202,14 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                 raise
-        wall = time.time() - t0
+        wall = round(time.time() - t0, 2)  # as stored for reuse: a rerun must report the very same times
         if proc.returncode != 0:
             tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
             raise BenchError(
                 f"{label} failed (exit {proc.returncode}) after {wall:.0f} s; last lines of {log}:\n{tail}\n"
                 f"The workspace {self.work} is kept; rerun with --workdir {self.work} to resume."
             )
-        self.state["done"][step] = {"key": key, "wall_s": round(wall, 2)}
+        self.state["done"][step] = {"key": key, "wall_s": wall}
         write_json(self.state_path, self.state)
         self._progress(label, stage, wall)
         return wall, True
