@@ -271,7 +271,8 @@ def encode_texts(
     """Vectors for `texts` (with `prompt` prepended by `encode_fn`), encoding only what the store lacks.
 
     `encode_fn(list_of_texts)` must return L2-normalised float32 rows; it is called on chunks of at most
-    ENCODE_CHUNK unique missing texts, with a progress line (and ETA) per chunk when there are many.
+    ENCODE_CHUNK unique missing texts, with a progress line (and ETA) per chunk when there are many. Each
+    chunk is stored as soon as it is encoded, so a killed run resumes where it stopped.
     """
     root = store_root() if root == "env" else (Path(root) if root else None)
     texts = list(texts)
@@ -288,12 +289,13 @@ def encode_texts(
         show = len(todo) > ENCODE_CHUNK
         with progress(len(todo), desc=f"{desc} ({label})", unit="text") if show else _NoProgress() as bar:
             for start in range(0, len(todo), ENCODE_CHUNK):
-                chunk = [texts[i] for i in todo[start:start + ENCODE_CHUNK]]
-                new_vecs.append(np.asarray(encode_fn(chunk), dtype=np.float32))
-                bar.update(len(chunk))
+                rows = todo[start:start + ENCODE_CHUNK]
+                vecs = np.asarray(encode_fn([texts[i] for i in rows]), dtype=np.float32)
+                if store is not None:  # a shard per chunk: an interrupted encode keeps what it finished
+                    store.add(keys[rows], vecs)
+                new_vecs.append(vecs)
+                bar.update(len(rows))
         fresh = np.concatenate(new_vecs)
-        if store is not None:
-            store.add(keys[todo], fresh)
         if out is None:
             out = np.zeros((len(texts), fresh.shape[1]), dtype=np.float32)
         row_of = {keys[i].tobytes(): n for n, i in enumerate(todo)}

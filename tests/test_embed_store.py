@@ -158,3 +158,23 @@ def test_line_progress_prints_rate_and_eta():
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("encode: 5/10 text (50%)") and "ETA" in lines[0]
     assert lines[-1].endswith("done") and "kept=3" in lines[-1]
+
+
+def test_interrupted_encode_keeps_finished_chunks(tmp_path, monkeypatch):
+    """A run killed mid-corpus resumes: the chunks encoded before the failure are in the store."""
+    monkeypatch.setattr(embed_store, "ENCODE_CHUNK", 2)
+    texts = [f"t{i}" for i in range(7)]
+
+    class DiesOnThirdChunk(CountingEncoder):
+        def __call__(self, chunk: list[str]) -> np.ndarray:
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().__call__(chunk)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(DiesOnThirdChunk(), texts, tmp_path)
+    embed_store._OPEN.clear()
+    enc = CountingEncoder()
+    out = run(enc, texts, tmp_path)
+    assert enc.texts == 3  # 4 of 7 were stored before the interruption
+    np.testing.assert_allclose(out, enc(texts), atol=1e-6)
