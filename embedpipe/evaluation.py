@@ -132,6 +132,35 @@ def breakdown(
     return table
 
 
+def gain_significance(
+    queries: Mapping[str, dict[str, Any]], base: PerQuery, finetuned: PerQuery, metric: str = HEADLINE
+) -> dict[str, Any]:
+    """How sure the per-query gain is: mean, 95% bootstrap interval, sign-flip p, and what the test is made of.
+
+    `llm_written` counts test queries an LLM wrote (SDG metadata query_type other than inverse_cloze), so a
+    reader sees whether the gain rests on LLM questions or on pseudo-queries cut from the passages.
+    """
+    from embedpipe.significance import paired_bootstrap_ci, sign_flip_test
+
+    qids = [q for q in base if q in finetuned]
+    diffs = np.array([finetuned[q][metric] - base[q][metric] for q in qids])
+    test = sign_flip_test(diffs)
+    low, high = paired_bootstrap_ci(diffs)
+    kinds = [metadata_value(queries.get(q, {}), "query_type") for q in qids]
+    return {
+        "metric": metric,
+        "queries": len(qids),
+        "llm_written": sum(k not in ("inverse_cloze", "unknown") for k in kinds),
+        "inverse_cloze": kinds.count("inverse_cloze"),
+        "mean_gain": round(float(diffs.mean()), 5),
+        "ci95": [round(low, 5), round(high, 5)],
+        "p_value": round(test.p_value, 5),
+        "queries_better": test.better,
+        "queries_worse": test.worse,
+        "queries_tied": test.tied,
+    }
+
+
 def most_changed(base: PerQuery, finetuned: PerQuery, n: int = 10, metric: str = HEADLINE) -> tuple[list, list]:
     """The n queries that gained most and the n that lost most on `metric` (ties by query id)."""
     changes = sorted(((finetuned[q][metric] - base[q][metric], q) for q in base if q in finetuned), key=lambda x: x[1])

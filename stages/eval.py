@@ -22,6 +22,7 @@ from embedpipe.evaluation import (
     delta,
     display_name,
     evaluate_embedder,
+    gain_significance,
     metadata_value,
     model_embedder,
     plot_comparison,
@@ -265,6 +266,7 @@ def run_models(
     regression = False
     if len(results) == 2:
         metrics["delta"] = delta(scores["base"], scores["finetuned"])
+        metrics["significance"] = gain_significance(queries, per_query["base"], per_query["finetuned"])
         regression = scores["finetuned"][HEADLINE] < scores["base"][HEADLINE]
         metrics["regression"] = regression
     metrics.update(
@@ -283,6 +285,11 @@ def run_models(
     rows: dict[str, Any] = {"queries": len(qrels), "passages": len(corpus)}
     for label, s in scores.items():
         rows.update({f"{label} {display_name(m)}": s[m] for m in (HEADLINE, "recall@10", "mrr@10")})
+    if "significance" in metrics:
+        sig = metrics["significance"]
+        rows["nDCG@10 gain (95% CI)"] = f"{sig['mean_gain']:+.4f} [{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}]"
+        rows["sign-flip p"] = f"{sig['p_value']:.3f} ({sig['queries_better']} better, {sig['queries_worse']} worse)"
+        rows["test queries LLM-written"] = f"{sig['llm_written']} of {sig['queries']}"
     counts = encode_counts()
     for label in results:
         c = counts.get(names[label], {"requested": 0, "encoded": 0})

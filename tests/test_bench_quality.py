@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO_ROOT, stage_env
 
 from embedpipe.io import load_corpus, write_beir
-from embedpipe.significance import sign_flip_test
+from embedpipe.significance import paired_bootstrap_ci, sign_flip_test
 
 # Hand-written questions over tests/data/tiny_corpus.jsonl (the tiny docs chunked at 48 tokens): the human
 # benchmark of this test. Never used for training: the bench trains on tiny_docs only.
@@ -197,3 +197,20 @@ def test_sign_flip_monte_carlo_agrees_with_the_exact_value():
     assert sign_flip_test(d, resamples=2000).p_value == pytest.approx(1.0)
     e = rng.normal(0.05, 1, 30)
     assert sign_flip_test(e, resamples=5000).p_value == sign_flip_test(e, resamples=5000).p_value
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_queries():
+    # Every difference equal: every resample has the same mean -> a zero-width interval at it.
+    assert paired_bootstrap_ci(np.full(20, 0.1)) == pytest.approx((0.1, 0.1))
+    rng = np.random.default_rng(3)
+    small, large = rng.normal(0.05, 0.2, 30), rng.normal(0.05, 0.2, 3000)
+    lo, hi = paired_bootstrap_ci(small)
+    assert lo < small.mean() < hi and lo < 0.05 < hi
+    lo_l, hi_l = paired_bootstrap_ci(large)
+    assert hi_l - lo_l < (hi - lo) / 5  # ~ 1 / sqrt(n): 10x narrower for 100x the queries
+    # The normal-theory 95% interval of a mean, for comparison: 1.96 standard errors.
+    se = large.std(ddof=1) / np.sqrt(large.size)
+    assert (hi_l - lo_l) / 2 == pytest.approx(1.96 * se, rel=0.1)
+    assert paired_bootstrap_ci(small) == paired_bootstrap_ci(small)  # seeded: reruns agree
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci([])

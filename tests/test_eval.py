@@ -195,6 +195,10 @@ def test_full_run_writes_every_output(full_run, minilm):
     assert metrics["base"] == metrics["finetuned"]
     assert set(metrics["delta"].values()) == {0.0}
     assert metrics["regression"] is False
+    sig = metrics["significance"]  # same model: zero gain, a zero-width interval, every query tied
+    assert (sig["mean_gain"], sig["ci95"], sig["p_value"]) == (0.0, [0.0, 0.0], 1.0)
+    assert sig["queries"] == sig["queries_tied"] == len(TINY_QUERIES)
+    assert (sig["llm_written"], sig["inverse_cloze"]) == (len(TINY_QUERIES), 0)  # all typed as LLM questions
     assert metrics["queries"] == len(TINY_QUERIES) and metrics["passages"] == 21 and metrics["dimension"] == 384
     assert metrics["by_query_type"]["multi_hop"]["queries"] == 2
     assert set(metrics["by_hop_count"]) == {"1", "2"}
