@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from embedpipe.console import warn  # noqa: E402
 from embedpipe.documents import DocumentsError, discover  # noqa: E402
 from embedpipe.io import FormatError, load_beir, read_json, read_jsonl, write_json  # noqa: E402
-from embedpipe.significance import sign_flip_test  # noqa: E402
+from embedpipe.significance import paired_bootstrap_ci, sign_flip_test  # noqa: E402
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
 SEEDED = ("sdg.seed", "prep.seed", "finetune.seed")
@@ -255,7 +255,10 @@ def analyse(base_block: dict[str, float], base_pq: dict[str, float], seeds: list
             queries_worse=test.worse,
             queries_tied=test.tied,
         )
-    pooled = sign_flip_test(np.mean(ft_matrix, axis=0) - base_vec)
+    pooled_diffs = np.mean(ft_matrix, axis=0) - base_vec
+    pooled = sign_flip_test(pooled_diffs)
+    # The mean over seeds of the per-seed relative gains is mean(pooled_diffs) / mean(base): its interval too.
+    ci_low, ci_high = (100 * x / base_vec.mean() for x in paired_bootstrap_ci(pooled_diffs))
     gains = [s["gain_pct"] for s in seeds]
     worst = min(seeds, key=lambda s: s["gain_pct"])
     val = [s["val_gain_pct"] for s in seeds if s.get("val_gain_pct") is not None]
@@ -265,6 +268,7 @@ def analyse(base_block: dict[str, float], base_pq: dict[str, float], seeds: list
         "gain_pct_std": round(statistics.stdev(gains), 3) if len(gains) > 1 else 0.0,
         "gain_pct_min": round(min(gains), 3),
         "gain_pct_max": round(max(gains), 3),
+        "gain_pct_ci95": [round(ci_low, 3), round(ci_high, 3)],
         "worst_seed": worst["seed"],
         "worst_seed_gain_pct": round(worst["gain_pct"], 3),
         "seeds_below_base": sum(g < 0 for g in gains),
@@ -328,7 +332,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Mean nDCG@10 gain {signed(result['mean_gain_pct'], 2)} (spread ± {result['gain_pct_std']:.2f} points "
         f"across seeds, range {signed(result['gain_pct_min'])} to {signed(result['gain_pct_max'])}); worst seed "
         f"{result['worst_seed']}: {signed(result['worst_seed_gain_pct'], 2)}; "
-        f"{result['seeds_below_base']} seed(s) below base.",
+        f"{result['seeds_below_base']} seed(s) below base; 95% bootstrap interval over queries "
+        f"{signed(result['gain_pct_ci95'][0], 2)} to {signed(result['gain_pct_ci95'][1], 2)}.",
         f"- Paired sign-flip test over queries (fine-tuned nDCG@10 averaged over seeds vs base): "
         f"p = {result['p_value']:.4f}{' (exact)' if result['p_value_exact'] else ''}.",
         "- val gain: the run's own validation (synthetic questions) gain in nDCG@10, next to the benchmark gain.",

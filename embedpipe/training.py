@@ -173,7 +173,7 @@ def validation_set(
     `max_passages` (0 = whole corpus). Positives and negatives are always kept (even past the cap): they are
     what the ranking is about; the random sample only adds distractors so the task is not trivially small.
     `min_llm_questions` > 0: see `prefer_llm_questions`."""
-    import random
+    from embedpipe.retrieval import bounded_corpus
 
     kept, llm, left_out = prefer_llm_questions(records, min_llm_questions)
     if min_llm_questions > 0:
@@ -183,13 +183,7 @@ def validation_set(
     queries, relevant = validation_queries(records, corpus)
     positives = {p for docs in relevant.values() for p in docs}
     negatives = {n["id"] for r in records for n in r.get("neg_doc") or [] if n.get("id") in corpus} - positives
-    if max_passages <= 0 or max_passages >= len(corpus):
-        chosen = set(corpus)
-        sampled = len(corpus) - len(positives) - len(negatives)
-    else:
-        rest = sorted(set(corpus) - positives - negatives)
-        sampled = max(0, min(len(rest), max_passages - len(positives) - len(negatives)))
-        chosen = positives | negatives | set(random.Random(seed).sample(rest, sampled))
+    chosen, sampled = bounded_corpus(list(corpus), positives | negatives, max_passages, seed)
     texts = {pid: passage_text(corpus[pid]) for pid in corpus if pid in chosen}  # corpus order: reproducible
     return ValidationSet(queries, relevant, texts, len(positives), len(negatives), sampled, len(corpus),
                          max(0, int(max_passages)), llm, left_out)

@@ -91,6 +91,8 @@ def test_bench_end_to_end_on_a_tiny_pair(tmp_path: Path, tiny_docs_dir: Path, ti
     gains = [row["gain_pct"] for row in result["per_seed"]]
     assert result["mean_gain_pct"] == pytest.approx(np.mean(gains), abs=1e-2)
     assert result["worst_seed_gain_pct"] == pytest.approx(min(gains), abs=1e-3)
+    low, high = result["gain_pct_ci95"]
+    assert low - 1e-2 <= result["mean_gain_pct"] <= high + 1e-2
     assert 0 < result["p_value"] <= 1 and result["p_value_exact"] is True  # 8 queries: exact enumeration
     assert result["wall_time_s"] > 0 and result["stage_times_s"]["chunk"] > 0
     assert len(result["stage_times_s"]["finetune"]) == 1

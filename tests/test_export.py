@@ -97,3 +97,31 @@ def test_int8_matmul_error_grows_with_activation_outliers():
     x[0, 0] = 200.0  # one outlier stretches the per-tensor activation scale for every row
     assert plain < 0.03 < int8_matmul_error(x, w)
     assert int8_matmul_error(x, w, reduce_range=False) < int8_matmul_error(x, w, reduce_range=True)
+
+
+def test_parity_texts_keep_every_relevant_passage_within_the_cap(tmp_path, tiny_corpus_path):
+    """A big test corpus is cut for parity (5 variants encode it): relevant passages stay, the sample is fixed."""
+    import importlib.util
+    from pathlib import Path
+
+    from embedpipe.io import load_beir
+    from embedpipe.retrieval import bounded_corpus
+    from tests.eval_helpers import make_tiny_beir
+
+    spec = importlib.util.spec_from_file_location("export_stage", Path(__file__).parents[1] / "stages" / "export.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    beir = make_tiny_beir(tmp_path / "beir", tiny_corpus_path)
+    corpus, queries, qrels = load_beir(beir)
+    relevant = {pid for docs in qrels.values() for pid in docs}
+    full = stage.load_texts(beir, tiny_corpus_path)
+    assert len(full["passages"]) == full["corpus_total"] == len(corpus) == 21
+    cut = stage.load_texts(beir, tiny_corpus_path, max_passages=len(relevant) + 3, seed=1)
+    assert len(cut["passages"]) == len(relevant) + 3 and relevant <= set(cut["corpus_ids"])
+    assert cut["corpus_ids"] == [pid for pid in corpus if pid in set(cut["corpus_ids"])]  # corpus order
+    assert cut == stage.load_texts(beir, tiny_corpus_path, max_passages=len(relevant) + 3, seed=1)  # reproducible
+    assert cut["queries"] == full["queries"] and cut["qrels"] == full["qrels"]
+    # The cap never drops a passage a check is about, even when they alone exceed it.
+    ids, sampled = bounded_corpus(list(corpus), relevant, 2, seed=0)
+    assert ids == relevant and sampled == 0
+    assert bounded_corpus(list(corpus), relevant, 0, seed=0) == (set(corpus), 21 - len(relevant))
