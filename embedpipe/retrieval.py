@@ -88,17 +88,19 @@ def retrieve(
     return run
 
 
-def bounded_corpus(corpus_ids: Sequence[str], keep: set[str], max_passages: int, seed: int) -> tuple[set[str], int]:
+def bounded_corpus(corpus_ids: Sequence[str], keep: set[str], max_passages: int, seed: int) -> tuple[list[str], int]:
     """`keep` (the passages a check is about) + a fixed random sample of the rest, up to `max_passages`.
 
     Used where a full-corpus encode would cost more than the check is worth (validation during training,
     export parity): the kept passages are never dropped, even past the cap; the sample only adds
-    distractors so the ranking is not trivially small. 0 = the whole corpus. Returns (ids, sampled count).
+    distractors so the ranking is not trivially small. 0 = the whole corpus. Returns (ids in corpus order,
+    sampled count): the order makes every caller reproducible.
     """
     import random
 
     if max_passages <= 0 or max_passages >= len(corpus_ids):
-        return set(corpus_ids), len(set(corpus_ids) - keep)
+        return list(dict.fromkeys(corpus_ids)), len(set(corpus_ids) - keep)
     rest = sorted(set(corpus_ids) - keep)
     sampled = max(0, min(len(rest), max_passages - len(keep)))
-    return keep | set(random.Random(seed).sample(rest, sampled)), sampled
+    chosen = keep | set(random.Random(seed).sample(rest, sampled))
+    return [pid for pid in dict.fromkeys(corpus_ids) if pid in chosen], sampled

@@ -184,7 +184,7 @@ def validation_set(
     positives = {p for docs in relevant.values() for p in docs}
     negatives = {n["id"] for r in records for n in r.get("neg_doc") or [] if n.get("id") in corpus} - positives
     chosen, sampled = bounded_corpus(list(corpus), positives | negatives, max_passages, seed)
-    texts = {pid: passage_text(corpus[pid]) for pid in corpus if pid in chosen}  # corpus order: reproducible
+    texts = {pid: passage_text(corpus[pid]) for pid in chosen}
     return ValidationSet(queries, relevant, texts, len(positives), len(negatives), sampled, len(corpus),
                          max(0, int(max_passages)), llm, left_out)
 

@@ -57,8 +57,7 @@ def load_texts(eval_dir: Path, fallback_corpus: Path, max_passages: int = 0, see
     try:
         corpus, queries, qrels = load_beir(eval_dir)
         relevant = {pid for docs in qrels.values() for pid in docs if pid in corpus}
-        chosen, _ = bounded_corpus(list(corpus), relevant, max_passages, seed)
-        ids = [pid for pid in corpus if pid in chosen]  # corpus order: reproducible
+        ids, _ = bounded_corpus(list(corpus), relevant, max_passages, seed)
         return {"source": str(eval_dir), "corpus_ids": ids, "query_ids": list(queries), "qrels": qrels,
                 "passages": [passage_text(corpus[pid]) for pid in ids],
                 "queries": [q["text"] for q in queries.values()], "corpus_total": len(corpus)}
@@ -67,8 +66,7 @@ def load_texts(eval_dir: Path, fallback_corpus: Path, max_passages: int = 0, see
     if not fallback_corpus.is_file():
         raise click.ClickException(f"no texts to check parity on: neither {eval_dir} nor {fallback_corpus} exists")
     corpus = load_corpus(fallback_corpus)
-    chosen, _ = bounded_corpus(list(corpus), set(), max_passages, seed)
-    ids = [pid for pid in corpus if pid in chosen]
+    ids, _ = bounded_corpus(list(corpus), set(), max_passages, seed)
     return {"source": str(fallback_corpus), "corpus_ids": ids, "query_ids": [], "qrels": None,
             "passages": [passage_text(corpus[pid]) for pid in ids], "queries": [], "corpus_total": len(corpus)}
 
@@ -237,16 +235,18 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     result = {"model_name": name, "source": source, "opset": int(cfg["opset"]), "export_s": round(export_s, 2),
               "max_seq_length": model.max_seq_length, "dimension": model.get_embedding_dimension(),
               "parity_texts": n_texts, "parity_passages": len(data["passages"]),
-              "parity_corpus_passages": data["corpus_total"], "parity_source": data["source"], "cosine_min_required": cos_min,
+              "parity_corpus_passages": data["corpus_total"], "parity_source": data["source"],
+              "cosine_min_required": cos_min,
               "metric_tolerance": tol, "default_variant": default, "variants": report, "triton_repo": str(triton),
               "wall_time_s": round(time.time() - started, 2)}
     write_json(metrics_path, result)
 
     rows: dict[str, Any] = {"model": name,
-                            "texts checked": f"{n_texts} ({len(data['passages'])} of {data['corpus_total']} passages)", "torch texts/s": report["torch"]["texts_per_s"],
-                             "torch vectors": f"{ref_info['reused']} from the embedding store, "
-                                              f"{ref_info['encoded']} encoded",
-                             "variant": "verdict: size, cosine min, metric drift @5+, speed vs torch"}
+                            "texts checked": f"{n_texts} ({len(data['passages'])} of {data['corpus_total']} passages)",
+                            "torch texts/s": report["torch"]["texts_per_s"],
+                            "torch vectors": f"{ref_info['reused']} from the embedding store, "
+                                             f"{ref_info['encoded']} encoded",
+                            "variant": "verdict: size, cosine min, metric drift @5+, speed vs torch"}
     for variant, entry in report.items():
         if variant == "torch":
             continue
