@@ -16,7 +16,7 @@ STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-llm.txt requir
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help setup setup-qwen run test lint bench bench-quality bench-quality-args serve push pull clean
+.PHONY: help setup setup-qwen run test lint bench bench-serve bench-quality bench-quality-args serve push pull clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ bench: setup  ## Speed and memory benchmarks, side by side (not bench-quality / 
 # Hours on real docs (3 seeds of sdg -> prep -> finetune + eval on CPU): run it alone. See docs/quality.md.
 BENCH ?=
 ARGS ?=
+bench-serve: setup  ## Served variants vs torch and Infinity on a BEIR set: make bench-serve [BEIR=data/prep/eval]
+	python bench/bench_serve.py --compare-variants --beir-dir "$(or $(BEIR),data/prep/eval)" --requests 192 \
+		--infinity "$$(bash bench/setup_infinity.sh .venv-infinity)"
+
 bench-quality: bench-quality-args setup  ## Fine-tuned vs base on human queries: make bench-quality BENCH=DIR [ARGS="..."]
 	python bench/bench_quality.py --bench "$(BENCH)" $(ARGS)
 

@@ -12,6 +12,9 @@ Each request carries one passage (the serving case) and asks for base64, as the 
 In-process reference at concurrency c: the same passages encoded in batches of c, one batch after
 another (what the server's micro-batcher can at best do).
 Goals: int8 server >= 2x torch server throughput; HTTP overhead <= 20% vs in-process at c=8.
+`--infinity PATH` (with --compare-variants): also serve the same model with Infinity (`infinity-emb`, torch
+engine, CPU; PATH = its `infinity_emb` executable, installed in its own venv by bench/setup_infinity.sh) under
+the same traffic, check its vectors against ours and report our default's throughput relative to it.
 Client and server share this machine's cores, so absolute numbers are lower than on a dedicated host.
 
     python bench/bench_serve.py --abuse [--requests 96] [--abuse-concurrency 8] [--huge-inputs 512]
@@ -24,11 +27,13 @@ normal requests' p50/p99 in both. Goal: the huge request raises the others' p99 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -56,6 +61,7 @@ from embedpipe.onnx_export import (  # noqa: E402
     optimize_fp32,
     quantize_int8_blockwise,
 )
+from embedpipe.processes import free_port, stop_process, wait_until_ready  # noqa: E402
 from embedpipe.retrieval import retrieve  # noqa: E402
 from embedpipe.server import ServerProcess  # noqa: E402
 
@@ -117,9 +123,12 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--tolerance", default=0.01, show_default=True, help="Largest metric drift @5+ allowed.")
 @click.option("--out", "out_path", default="bench/results/serve.json", show_default=True,
               help="--compare-variants: result JSON.")
+@click.option("--infinity", "infinity_bin", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="--compare-variants: the `infinity_emb` executable (bench/setup_infinity.sh installs one) to "
+                   "serve the same model under the same traffic, side by side.")
 def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bool, abuse_concurrency: int,
          huge_inputs: int, huge_chars: int, compare_variants: bool, beir_dir: str, max_passages: int, variants: str,
-         tolerance: float, out_path: str) -> None:
+         tolerance: float, out_path: str, infinity_bin: str | None) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     st = load_model(model, device="cpu")
     if abuse:
@@ -129,7 +138,7 @@ def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bo
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if compare_variants:
             compare(model, st, Path(tmp), Path(beir_dir), max_passages, n_requests, levels, tolerance, Path(out_path),
-                    [v.strip() for v in variants.split(",")])
+                    [v.strip() for v in variants.split(",")], infinity_bin)
         else:
             run(model, st, Path(tmp), load_texts(n_requests), levels, [b.strip() for b in backends.split(",")])
 
@@ -143,8 +152,60 @@ def beir_subset(folder: Path, max_passages: int) -> tuple[dict, dict, dict]:
     return {k: v for k, v in corpus.items() if k in keep}, queries, qrels
 
 
+class InfinityServer:
+    """`infinity_emb v2` serving a sentence-transformers folder on CPU (torch engine) on a free loopback port."""
+
+    def __init__(self, executable: str, model_dir: Path, batch_size: int = 32, startup_timeout_s: float = 300.0):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [executable, "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--engine", "torch",
+                    "--device", "cpu", "--batch-size", str(batch_size), "--no-bettertransformer",
+                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-infinity-", suffix=".log", delete=False)
+        self.startup_timeout_s = startup_timeout_s
+
+    def __enter__(self) -> InfinityServer:
+        env = dict(os.environ, DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0", HF_HUB_OFFLINE="1")
+        env.pop("PYTHONPATH", None)  # its own venv, its own packages
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until_ready(self.proc, f"{self.base_url}/health", self.startup_timeout_s, "infinity", self.log_tail)
+        return self
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(encoding="utf-8", errors="replace")[-chars:]
+
+    def __exit__(self, *exc) -> None:
+        stop_process(self.proc, 20.0)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def embed_over_http(base_url: str, texts: list[str]) -> np.ndarray:
+    """Float vectors of `texts` from an OpenAI-style /embeddings endpoint (for a parity check)."""
+    r = httpx.post(f"{base_url}/embeddings", json={"input": texts, "model": "bench"}, timeout=120)
+    r.raise_for_status()
+    rows = sorted(r.json()["data"], key=lambda d: d["index"])
+    return np.asarray([d["embedding"] for d in rows], dtype=np.float32)
+
+
+def serve_infinity(executable: str, st, tmp: Path, texts: list[str], levels: list[int]) -> dict[str, Any]:
+    """Infinity on the same model and traffic: inputs/s per concurrency and cosine parity with torch."""
+    model_dir = tmp / "infinity-model"
+    st.save(str(model_dir))
+    with InfinityServer(executable, model_dir) as server:
+        drive_server(server.base_url, texts[:8], 2)  # warm-up
+        parity = cosine_parity(encode(st, texts[:32]), embed_over_http(server.base_url, texts[:32]))
+        speed = {}
+        for c in levels:
+            seconds, _ = drive_server(server.base_url, texts, c)
+            speed[f"server_c{c}"] = round(len(texts) / seconds, 1)
+    return {"engine": "torch", "device": "cpu", "batch_size": 32, "cosine_min_vs_torch": parity["cosine_min"],
+            "inputs_per_s": speed}
+
+
 def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
-            tolerance: float, out_path: Path, chosen: list[str]) -> None:
+            tolerance: float, out_path: Path, chosen: list[str], infinity_bin: str | None = None) -> None:
     """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant."""
     console = Console()
     logging.getLogger().setLevel(logging.ERROR)
@@ -202,6 +263,11 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
             speed[name][f"in_process_c{c}"] = round(len(texts) / seconds, 1)
         console.print(f"{name}: {speed[name]} inputs/s")
 
+    infinity = serve_infinity(infinity_bin, st, tmp, texts, levels) if infinity_bin else None
+    if infinity:
+        console.print(f"infinity (torch engine): {infinity['inputs_per_s']} inputs/s, "
+                      f"cosine min vs torch {infinity['cosine_min_vs_torch']:.5f}")
+
     c = 8 if 8 in levels else max(levels)
     for v in variants:
         if f"onnx {v}" in speed:
@@ -215,9 +281,17 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
               "http_overhead_pct": variants[best]["http_overhead_pct"], "tolerance": tolerance,
               "concurrency": c, "model": model, "test_set": {"beir_dir": str(beir_dir), "passages": len(passages),
                                                               "queries": len(qtexts)},
-              "requests_per_cell": n_requests, "command": " ".join(["python", *sys.argv]), "variants": variants, "inputs_per_s": speed,
+              "requests_per_cell": n_requests, "command": " ".join(["python", *sys.argv]), "variants": variants,
+              "inputs_per_s": speed,
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}
+    if infinity:
+        ours = speed[f"onnx {best}"][f"server_c{c}"]
+        infinity["throughput_ratio_ours_vs_infinity_c8"] = round(ours / infinity["inputs_per_s"][f"server_c{c}"], 2)
+        infinity["torch_server_vs_infinity_c8"] = round(
+            speed["torch"][f"server_c{c}"] / infinity["inputs_per_s"][f"server_c{c}"], 2)
+        result["infinity"] = infinity
+        console.print(f"ours ({best}) = {infinity['throughput_ratio_ours_vs_infinity_c8']}x Infinity at c={c}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     console.print(f"default = {best}: drift {result['metric_drift']:.4f}, "
