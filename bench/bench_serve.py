@@ -50,7 +50,7 @@ import platform  # noqa: E402
 
 from embedpipe.io import load_beir, load_corpus, passage_text  # noqa: E402
 from embedpipe.metrics import evaluate  # noqa: E402
-from embedpipe.models import encode, load_model  # noqa: E402
+from embedpipe.models import encode, load_model, resolve_model  # noqa: E402
 from embedpipe.onnx_encoder import OnnxEncoder  # noqa: E402
 from embedpipe.onnx_export import (  # noqa: E402
     build_int8,
@@ -189,10 +189,14 @@ def embed_over_http(base_url: str, texts: list[str]) -> np.ndarray:
     return np.asarray([d["embedding"] for d in rows], dtype=np.float32)
 
 
-def serve_infinity(executable: str, st, tmp: Path, texts: list[str], levels: list[int]) -> dict[str, Any]:
-    """Infinity on the same model and traffic: inputs/s per concurrency and cosine parity with torch."""
-    model_dir = tmp / "infinity-model"
-    st.save(str(model_dir))
+def serve_infinity(executable: str, model: str, st, tmp: Path, texts: list[str], levels: list[int]) -> dict[str, Any]:
+    """Infinity on the same model and traffic: inputs/s per concurrency and cosine parity with torch.
+
+    It gets the model's own folder: Infinity pins sentence-transformers < 4, which cannot read a folder saved
+    by this project's sentence-transformers (v5 module paths), so a model without a folder is refused."""
+    model_dir = Path(resolve_model(model))
+    if not (model_dir / "modules.json").is_file():
+        raise click.ClickException(f"--infinity needs --model to be a sentence-transformers folder, got {model}")
     with InfinityServer(executable, model_dir) as server:
         drive_server(server.base_url, texts[:8], 2)  # warm-up
         parity = cosine_parity(encode(st, texts[:32]), embed_over_http(server.base_url, texts[:32]))
@@ -263,7 +267,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
             speed[name][f"in_process_c{c}"] = round(len(texts) / seconds, 1)
         console.print(f"{name}: {speed[name]} inputs/s")
 
-    infinity = serve_infinity(infinity_bin, st, tmp, texts, levels) if infinity_bin else None
+    infinity = serve_infinity(infinity_bin, model, st, tmp, texts, levels) if infinity_bin else None
     if infinity:
         console.print(f"infinity (torch engine): {infinity['inputs_per_s']} inputs/s, "
                       f"cosine min vs torch {infinity['cosine_min_vs_torch']:.5f}")
