@@ -48,6 +48,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 
+from embedpipe.endpoint import EmbeddingEndpoint  # noqa: E402
 from embedpipe.io import load_beir, load_corpus, passage_text  # noqa: E402
 from embedpipe.metrics import evaluate  # noqa: E402
 from embedpipe.models import encode, load_model, resolve_model  # noqa: E402
@@ -156,6 +157,7 @@ class InfinityServer:
     """`infinity_emb v2` serving a sentence-transformers folder on CPU (torch engine) on a free loopback port."""
 
     def __init__(self, executable: str, model_dir: Path, batch_size: int = 32, startup_timeout_s: float = 300.0):
+        self.batch_size = batch_size
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.cmd = [executable, "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--engine", "torch",
@@ -181,15 +183,7 @@ class InfinityServer:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def embed_over_http(base_url: str, texts: list[str]) -> np.ndarray:
-    """Float vectors of `texts` from an OpenAI-style /embeddings endpoint (for a parity check)."""
-    r = httpx.post(f"{base_url}/embeddings", json={"input": texts, "model": "bench"}, timeout=120)
-    r.raise_for_status()
-    rows = sorted(r.json()["data"], key=lambda d: d["index"])
-    return np.asarray([d["embedding"] for d in rows], dtype=np.float32)
-
-
-def serve_infinity(executable: str, model: str, st, tmp: Path, texts: list[str], levels: list[int]) -> dict[str, Any]:
+def serve_infinity(executable: str, model: str, st, texts: list[str], levels: list[int]) -> dict[str, Any]:
     """Infinity on the same model and traffic: inputs/s per concurrency and cosine parity with torch.
 
     It gets the model's own folder: Infinity pins sentence-transformers < 4, which cannot read a folder saved
@@ -199,13 +193,14 @@ def serve_infinity(executable: str, model: str, st, tmp: Path, texts: list[str],
         raise click.ClickException(f"--infinity needs --model to be a sentence-transformers folder, got {model}")
     with InfinityServer(executable, model_dir) as server:
         drive_server(server.base_url, texts[:8], 2)  # warm-up
-        parity = cosine_parity(encode(st, texts[:32]), embed_over_http(server.base_url, texts[:32]))
+        served = EmbeddingEndpoint(server.base_url, "bench").embed(texts[:32], "passage", progress=False)
+        parity = cosine_parity(encode(st, texts[:32]), served)
         speed = {}
         for c in levels:
             seconds, _ = drive_server(server.base_url, texts, c)
             speed[f"server_c{c}"] = round(len(texts) / seconds, 1)
-    return {"engine": "torch", "device": "cpu", "batch_size": 32, "cosine_min_vs_torch": parity["cosine_min"],
-            "inputs_per_s": speed}
+    return {"engine": "torch", "device": "cpu", "batch_size": server.batch_size,
+            "cosine_min_vs_torch": parity["cosine_min"], "inputs_per_s": speed}
 
 
 def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
@@ -267,7 +262,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
             speed[name][f"in_process_c{c}"] = round(len(texts) / seconds, 1)
         console.print(f"{name}: {speed[name]} inputs/s")
 
-    infinity = serve_infinity(infinity_bin, model, st, tmp, texts, levels) if infinity_bin else None
+    infinity = serve_infinity(infinity_bin, model, st, texts, levels) if infinity_bin else None
     if infinity:
         console.print(f"infinity (torch engine): {infinity['inputs_per_s']} inputs/s, "
                       f"cosine min vs torch {infinity['cosine_min_vs_torch']:.5f}")
