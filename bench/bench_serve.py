@@ -170,7 +170,11 @@ class InfinityServer:
         env = dict(os.environ, DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0", HF_HUB_OFFLINE="1")
         env.pop("PYTHONPATH", None)  # its own venv, its own packages
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until_ready(self.proc, f"{self.base_url}/health", self.startup_timeout_s, "infinity", self.log_tail)
+        try:
+            wait_until_ready(self.proc, f"{self.base_url}/health", self.startup_timeout_s, "infinity", self.log_tail)
+        except RuntimeError:  # not ready in time: never leave it running behind the bench
+            self.__exit__()
+            raise
         return self
 
     def log_tail(self, chars: int = 3000) -> str:
