@@ -27,7 +27,6 @@ normal requests' p50/p99 in both. Goal: the huge request raises the others' p99 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +61,7 @@ from embedpipe.onnx_export import (  # noqa: E402
     optimize_fp32,
     quantize_int8_blockwise,
 )
-from embedpipe.processes import free_port, stop_process, wait_until_ready  # noqa: E402
+from embedpipe.processes import ChildServer, free_port  # noqa: E402
 from embedpipe.retrieval import retrieve  # noqa: E402
 from embedpipe.server import ServerProcess  # noqa: E402
 
@@ -153,38 +152,19 @@ def beir_subset(folder: Path, max_passages: int) -> tuple[dict, dict, dict]:
     return {k: v for k, v in corpus.items() if k in keep}, queries, qrels
 
 
-class InfinityServer:
+class InfinityServer(ChildServer):
     """`infinity_emb v2` serving a sentence-transformers folder on CPU (torch engine) on a free loopback port."""
 
     def __init__(self, executable: str, model_dir: Path, batch_size: int = 32, startup_timeout_s: float = 300.0):
         self.batch_size = batch_size
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [executable, "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--engine", "torch",
-                    "--device", "cpu", "--batch-size", str(batch_size), "--no-bettertransformer",
-                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-infinity-", suffix=".log", delete=False)
-        self.startup_timeout_s = startup_timeout_s
-
-    def __enter__(self) -> InfinityServer:
+        cmd = [executable, "v2", "--model-id", str(model_dir), "--served-model-name", "bench", "--engine", "torch",
+               "--device", "cpu", "--batch-size", str(batch_size), "--no-bettertransformer",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         env = dict(os.environ, DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0", HF_HUB_OFFLINE="1")
         env.pop("PYTHONPATH", None)  # its own venv, its own packages
-        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_ready(self.proc, f"{self.base_url}/health", self.startup_timeout_s, "infinity", self.log_tail)
-        except RuntimeError:  # not ready in time: never leave it running behind the bench
-            self.__exit__()
-            raise
-        return self
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(encoding="utf-8", errors="replace")[-chars:]
-
-    def __exit__(self, *exc) -> None:
-        stop_process(self.proc, 20.0)
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        super().__init__("infinity", cmd, f"{self.base_url}/health", startup_timeout_s=startup_timeout_s, env=env)
 
 
 def serve_infinity(executable: str, model: str, st, texts: list[str], levels: list[int]) -> dict[str, Any]:

@@ -11,13 +11,12 @@ import atexit
 import ctypes
 import importlib.util
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from embedpipe.processes import free_port, stop_process, wait_until_ready
+from embedpipe.processes import ChildServer, free_port
 from embedpipe.split_files import SliceMismatch, join_slices
 
 EMBEDDED_GGUF = {
@@ -172,8 +171,13 @@ def _die_with_parent() -> None:
         pass  # not Linux: the atexit/signal handlers still stop the server on any normal exit
 
 
-class EmbeddedServer:
-    """`with EmbeddedServer(path) as base_url:` — a ready llama.cpp server for the block's duration."""
+class EmbeddedServer(ChildServer):
+    """`with EmbeddedServer(path) as base_url:` — a ready llama.cpp server for the block's duration.
+
+    Beyond `ChildServer`: the child gets its own session (Ctrl-C reaches the stage only; the stage stops the
+    server itself), dies with the stage even after a `kill -9`, and SIGTERM on the stage becomes
+    KeyboardInterrupt while the server runs, so `finally` blocks stop it.
+    """
 
     def __init__(
         self,
@@ -185,69 +189,38 @@ class EmbeddedServer:
         log_path: str | Path = "cache/llm/server.log",
     ):
         self.model_path = Path(model_path)
-        self.alias = alias
-        self.n_ctx = n_ctx
-        self.n_threads = n_threads
-        self.startup_timeout = startup_timeout
-        self.log_path = Path(log_path)
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self._old_term = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> str:
         self.port = free_port()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
         cmd = [
             sys.executable, "-m", "llama_cpp.server",
-            "--model", str(self.model_path), "--model_alias", self.alias,
+            "--model", str(self.model_path), "--model_alias", alias,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
+            "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads),
             "--verbose", "False",
         ]  # fmt: skip
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            start_new_session=True,  # Ctrl-C reaches the stage only; the stage stops the server itself
+        super().__init__(
+            "llama.cpp server", cmd, f"{self.base_url}/models", startup_timeout_s=startup_timeout,
+            stop_timeout_s=3,  # short: uvicorn would otherwise finish the request in flight first
+            log_path=log_path, error=ServerError,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None, start_new_session=True,
         )
-        log.close()
+        self._old_term = None
+
+    def start(self) -> str:  # type: ignore[override]
         atexit.register(self.stop)
-        # SIGTERM (docker stop, kill, dvc) becomes KeyboardInterrupt, so `finally` blocks run.
         if _main_thread():
             self._old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-        self._wait_ready()
+        super().start()
         return self.base_url
 
-    def _wait_ready(self) -> None:
-        try:
-            wait_until_ready(self.proc, f"{self.base_url}/models", self.startup_timeout, "llama.cpp server",
-                             self.log_tail, ServerError)
-        except ServerError:
-            self.stop()
-            raise
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            stop_process(proc, timeout_s=3)  # short: uvicorn would otherwise finish the request in flight first
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        rc = super().stop(timeout_s)
         if self._old_term is not None and _main_thread():
             signal.signal(signal.SIGTERM, self._old_term)
             self._old_term = None
+        return rc
 
-    def __enter__(self) -> str:
+    def __enter__(self) -> str:  # type: ignore[override]
         try:
             return self.start()
         except BaseException:

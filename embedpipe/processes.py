@@ -1,7 +1,7 @@
-"""Child servers on loopback (the embedded LLM server, the embeddings server): a free port, a readiness wait, a stop.
+"""Child servers on loopback (the embedded LLM server, the embeddings server, Infinity in the serving bench).
 
-Shared by `llm_server` (sdg) and `server.ServerProcess` (deploy_check, tests, benchmarks) so that both start,
-wait for and stop their child the same way.
+`ChildServer` is the one lifecycle they share: a free port, a log file, a readiness wait that shows the log when
+the child dies or is late, and a stop (SIGTERM, then SIGKILL) that also runs when the wait fails.
 """
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -54,3 +57,61 @@ def stop_process(proc: subprocess.Popen, timeout_s: float) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+class ChildServer:
+    """`cmd` as a child process, ready when `ready_url` answers 200; `with` starts it and always stops it.
+
+    The child's output goes to `log_path`, or to a temporary file that `close()` deletes. A failed or late start
+    raises `error` with the log's tail and stops the child: nothing is left running behind the caller.
+    """
+
+    def __init__(self, name: str, cmd: list[str], ready_url: str, *, startup_timeout_s: float = 120.0,
+                 stop_timeout_s: float = 20.0, log_path: str | Path | None = None,
+                 error: type[Exception] = RuntimeError, **popen_kwargs: Any):
+        self.name, self.cmd, self.ready_url = name, cmd, ready_url
+        self.startup_timeout_s, self.stop_timeout_s, self.error = startup_timeout_s, stop_timeout_s, error
+        self.popen_kwargs = popen_kwargs
+        self.temporary_log = log_path is None
+        if log_path is None:
+            with tempfile.NamedTemporaryFile(prefix=f"embedpipe-{name.split()[0]}-", suffix=".log", delete=False) as f:
+                log_path = f.name
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ChildServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         **self.popen_kwargs)
+        try:
+            wait_until_ready(self.proc, self.ready_url, self.startup_timeout_s, self.name, self.log_tail, self.error)
+        except self.error:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within timeout_s; returns the exit code (None: never started)."""
+        if self.proc is None:
+            return None
+        return stop_process(self.proc, self.stop_timeout_s if timeout_s is None else timeout_s)
+
+    def close(self) -> int | None:
+        """Stop the child and delete a temporary log; returns its exit code."""
+        rc = self.stop()
+        if self.temporary_log:
+            self.log_path.unlink(missing_ok=True)
+        return rc
+
+    def __enter__(self) -> ChildServer:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -29,7 +29,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -47,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from embedpipe.processes import free_port, stop_process, wait_until_ready
+from embedpipe.processes import ChildServer, free_port
 
 log = logging.getLogger("embedpipe.server")
 
@@ -761,48 +760,13 @@ def run_server(app: FastAPI, settings: ServerSettings, host: str, port: int, log
 # --- running the server as a subprocess (deploy_check, tests, benchmarks) ---------------------------------
 
 
-class ServerProcess:
+class ServerProcess(ChildServer):
     """`python stages/serve.py ARGS` on a free loopback port: started, waited for, always stopped (SIGTERM)."""
 
     def __init__(self, args: list[str], cwd: str | None = None, env: dict[str, str] | None = None,
                  startup_timeout_s: float = 120.0, port: int | None = None):
-        import tempfile
-
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = [sys.executable, "stages/serve.py", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.cwd, self.env, self.startup_timeout_s = cwd, env, startup_timeout_s
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="embedpipe-serve-", suffix=".log", delete=False)
-        self.proc: subprocess.Popen | None = None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self.log.flush()
-        with open(self.log.name, encoding="utf-8", errors="replace") as f:
-            return f.read()[-chars:]
-
-    def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_ready(self.proc, f"{self.base_url}/health/ready", self.startup_timeout_s, "server", self.log_tail)
-        except RuntimeError:
-            self.stop()
-            raise
-        return self
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited within timeout_s; returns the exit code."""
-        return None if self.proc is None else stop_process(self.proc, timeout_s)
-
-    def __enter__(self) -> ServerProcess:
-        return self if self.proc is not None else self.start()
-
-    def close(self) -> int | None:
-        """Stop the server and delete its log; returns its exit code."""
-        rc = self.stop()
-        self.log.close()
-        if os.path.exists(self.log.name):
-            os.unlink(self.log.name)
-        return rc
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        cmd = [sys.executable, "stages/serve.py", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        super().__init__("server", cmd, f"{self.base_url}/health/ready", startup_timeout_s=startup_timeout_s,
+                         cwd=cwd, env=env)
