@@ -150,6 +150,7 @@ def split_questions(
     corpus: dict[str, dict[str, Any]],
     *,
     test_fraction: float = 0.2,
+    test_min: int = 0,
     val_fraction: float = 0.1,
     val_min: int = 5,
     seed: int = 42,
@@ -161,7 +162,8 @@ def split_questions(
     passage of a test document is held out of training. group_by=passage: the same per passage.
     group_by=none: questions split at random (a test passage may be a training negative; not leak-free).
     When the asked grouping is impossible (e.g. a single document) the next finer one is used and
-    `fallback` says so.
+    `fallback` says so. A small set holds out at least `test_min` questions (never more than half):
+    a 20% test of a few hundred questions is too small to tell a gain from noise.
     """
     if group_by not in GROUP_BY:
         raise PrepError(f"prep.group_by must be one of {', '.join(GROUP_BY)}, got '{group_by}'")
@@ -169,6 +171,7 @@ def split_questions(
         raise PrepError(f"prep.test_fraction must be between 0 and 1, got {test_fraction}")
     if len(questions) < 2:
         raise PrepError(f"need at least 2 usable questions to split, got {len(questions)}")
+    test_fraction = max(test_fraction, min(test_min / len(questions), 0.5))
     rng = random.Random(seed)
     asked, notes = group_by, []
     result = None

@@ -75,6 +75,7 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
     try:
         split = split_questions(
             questions, corpus, test_fraction=float(cfg.get("test_fraction", 0.2)),
+            test_min=int(cfg.get("test_min", 0)),
             val_fraction=float(cfg.get("val_fraction", 0.1)), val_min=int(cfg.get("val_min", 5)),
             seed=int(cfg.get("seed", 42)), group_by=cfg.get("group_by", "document"),
         )

@@ -82,6 +82,15 @@ def test_split_drops_questions_that_straddle_when_documents_form_one_chain():
     assert test_docs and train_docs and test_docs.isdisjoint(train_docs)
 
 
+def test_split_test_min_enlarges_a_small_test_set_up_to_half():
+    corpus = {f"p{i}": {"_id": f"p{i}", "text": "t", "doc": f"d{i}.md"} for i in range(100)}
+    qs = [_qa(f"q{i}", [f"p{i}"]) for i in range(100)]
+    assert len(split_questions(qs, corpus, test_fraction=0.2).test) == 20
+    assert len(split_questions(qs, corpus, test_fraction=0.2, test_min=30).test) == 30
+    assert len(split_questions(qs, corpus, test_fraction=0.2, test_min=80).test) == 50  # never more than half
+    assert len(split_questions(qs, corpus, test_fraction=0.4, test_min=30).test) == 40  # the fraction is a floor too
+
+
 def test_clean_questions_drops_unknown_segments(tiny_corpus_path):
     corpus = load_corpus(tiny_corpus_path)
     kept, dropped = clean_questions([_qa("a", ["nope"]), _qa("b", []), _qa("c", [next(iter(corpus))])], corpus)
