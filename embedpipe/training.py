@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,7 +439,8 @@ class TimeBudget:
     It times every optimizer step and every validation; after each step it stops when one more step plus
     one more validation would not fit, and asks for a validation + checkpoint at that step so the last
     steps still compete for "best checkpoint". Without a budget (0) it only measures.
-    The learning-rate schedule was planned for all steps, so a cut run ends before the decay reaches zero.
+    `horizon()` predicts where the run will stop, so the learning-rate schedule (`budget_schedule`) decays to
+    zero there instead of at a planned step the budget never reaches.
     """
 
     def __init__(self, max_minutes: float | None, planned_steps: int, clock: Any = time.monotonic) -> None:
@@ -490,6 +491,19 @@ class TimeBudget:
         stop = elapsed + step_s + eval_s > self.budget_s
         return _any_rank(stop)
 
+    def horizon(self, eval_steps: int) -> int:
+        """Optimizer steps this run will take: the planned ones, or fewer when the step and validation times
+        measured so far say the budget ends first (a validation every `eval_steps` steps, and a last one)."""
+        if not self.budget_s or not self.step_s:
+            return self.planned
+        recent = self.step_s[-10:]
+        step_s = sum(recent) / len(recent)
+        eval_s = sum(self.eval_s) / len(self.eval_s) if self.eval_s else step_s
+        done = len(self.step_s)
+        left_s = self.budget_s - (self._step_end - self.start) - eval_s
+        more = int(max(0.0, left_s) // (step_s + eval_s / max(1, eval_steps)))
+        return max(done, min(self.planned, done + more))
+
     def report(self, steps_taken: int) -> dict[str, Any]:
         def mean(xs: list[float]) -> float | None:
             return round(sum(xs) / len(xs), 3) if xs else None
@@ -504,6 +518,25 @@ class TimeBudget:
             "validation_time_s_mean": mean(self.eval_s),
             "training_loop_s": round(self._step_end - self.start, 1) if self.step_s else 0.0,
         }
+
+
+def budget_schedule(optimizer: torch.optim.Optimizer, warmup_ratio: float, horizon: Callable[[], int]) -> Any:
+    """Linear warmup, then linear decay to zero at `horizon()` steps, re-read at every step.
+
+    With a time budget the horizon is where the budget will stop the run (`TimeBudget.horizon`), so a CPU run
+    cut from ~50 planned steps to ~10 still warms up briefly and anneals, instead of spending its few steps in a
+    warmup sized for 50 and stopping at the peak rate. The first step already moves ((step + 1) / (warmup + 1)).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(step: int) -> float:
+        total = max(1, horizon())
+        warmup = math.ceil(warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return LambdaLR(optimizer, factor)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -650,9 +683,7 @@ def train(
         per_device_eval_batch_size=plan.per_device_batch,
         gradient_accumulation_steps=plan.grad_accum,
         learning_rate=float(cfg["learning_rate"]),
-        warmup_steps=plan.warmup_steps,
-        weight_decay=float(cfg["weight_decay"]),
-        lr_scheduler_type="linear",
+        weight_decay=float(cfg["weight_decay"]),  # learning-rate schedule: budget_schedule (warmup_ratio)
         bf16=use_bf16(device, cfg.get("bf16", "auto")),
         use_cpu=device == "cpu",
         seed=int(cfg["seed"]),
@@ -684,7 +715,16 @@ def train(
         live.step = 0
         live.log_metric(f"eval/{METRIC}", base)
         callbacks.append(callback)
-    trainer = SentenceTransformerTrainer(
+
+    class BudgetTrainer(SentenceTransformerTrainer):
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                self.lr_scheduler = budget_schedule(optimizer or self.optimizer, float(cfg["warmup_ratio"]),
+                                                    lambda: budget.horizon(plan.eval_steps))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    trainer = BudgetTrainer(
         model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
     )
     trainer.train()

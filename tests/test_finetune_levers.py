@@ -16,6 +16,7 @@ from embedpipe.training import (
     ContrastivePlusDistillation,
     HardNegativeSoftmaxLoss,
     TimeBudget,
+    budget_schedule,
     build_training_table,
     check_params,
     interpolate_state,
@@ -76,6 +77,22 @@ def test_time_budget_stops_when_a_step_and_a_validation_no_longer_fit():
     report = budget.report(3)
     assert report["cut_by_budget"] and (report["steps_planned"], report["steps_taken"], report["steps_not_taken"]) == (100, 3, 97)
     assert not TimeBudget(0, 10).should_stop(1, 10)  # 0 = no budget
+
+
+def test_schedule_decays_to_zero_where_the_budget_will_stop():
+    now = [0.0]
+    budget = TimeBudget(max_minutes=2.0, planned_steps=50, clock=lambda: now[0])
+    assert budget.horizon(eval_steps=16) == 50  # nothing measured yet: the plan
+    budget.step_s, budget._step_end = [10.0], 10.0  # one step of 10 s done at t = 10 s
+    # 120 s budget: 110 s left, minus a last validation (timed like a step: 10 s) = 100 s; one step costs
+    # 10 s + a sixteenth of a validation -> 9 more steps fit
+    assert budget.horizon(eval_steps=16) == 10
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = budget_schedule(optimizer, warmup_ratio=0.05, horizon=lambda: budget.horizon(16))
+    factors = [schedule.lr_lambdas[0](step) for step in range(11)]
+    assert factors[0] == pytest.approx(0.5)  # warmup 1 step (5 % of 10): the first step already moves
+    assert factors[1] == pytest.approx(1.0) and factors[9] == pytest.approx(1 / 9) and factors[10] == 0.0
+    assert TimeBudget(0, 30).horizon(10) == 30  # no budget: the plan
 
 
 def test_wise_interpolation_on_the_real_minilm(minilm):
