@@ -343,9 +343,14 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     eval_steps: int
-    warmup_steps: int
+    warmup_steps: int  # of the planned steps; a budget-cut run warms up over its horizon (budget_schedule)
     auto_scaled: bool
     warnings: list[str] = field(default_factory=list)
+
+
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """Linear-warmup length: `warmup_ratio` of the steps, rounded up (the planned run's and `budget_schedule`'s)."""
+    return math.ceil(warmup_ratio * total_steps)
 
 
 def plan_training(n: int, cfg: dict[str, Any], world_size: int = 1) -> Plan:
@@ -369,7 +374,7 @@ def plan_training(n: int, cfg: dict[str, Any], world_size: int = 1) -> Plan:
         total = min(total, int(cfg["max_steps"]))
     total = max(1, total)
     eval_steps = max(1, min(int(cfg["eval_steps"]), total // int(cfg["min_checkpoints"])))
-    warmup = math.ceil(float(cfg["warmup_ratio"]) * total)
+    warmup = warmup_steps(float(cfg["warmup_ratio"]), total)
     plan = Plan(n, world_size, global_batch, per_device, accum, steps_per_epoch, total, eval_steps, warmup, auto)
     if total < 50:
         plan.warnings.append(
@@ -481,12 +486,16 @@ class TimeBudget:
 
         return _Callback()
 
+    def _measured_times(self) -> tuple[float, float]:
+        """(seconds per step over the last 10 steps, seconds per validation; a step's time before the first one)."""
+        recent = self.step_s[-10:]
+        step_s = sum(recent) / len(recent)
+        return step_s, sum(self.eval_s) / len(self.eval_s) if self.eval_s else step_s
+
     def should_stop(self, step: int, max_steps: int) -> bool:
         if not self.budget_s or step >= max_steps:
             return False
-        recent = self.step_s[-10:]
-        step_s = sum(recent) / len(recent)
-        eval_s = sum(self.eval_s) / len(self.eval_s) if self.eval_s else step_s
+        step_s, eval_s = self._measured_times()
         elapsed = self.clock() - self.start
         stop = elapsed + step_s + eval_s > self.budget_s
         return _any_rank(stop)
@@ -496,9 +505,7 @@ class TimeBudget:
         measured so far say the budget ends first (a validation every `eval_steps` steps, and a last one)."""
         if not self.budget_s or not self.step_s:
             return self.planned
-        recent = self.step_s[-10:]
-        step_s = sum(recent) / len(recent)
-        eval_s = sum(self.eval_s) / len(self.eval_s) if self.eval_s else step_s
+        step_s, eval_s = self._measured_times()
         done = len(self.step_s)
         left_s = self.budget_s - (self._step_end - self.start) - eval_s
         more = int(max(0.0, left_s) // (step_s + eval_s / max(1, eval_steps)))
@@ -531,7 +538,7 @@ def budget_schedule(optimizer: torch.optim.Optimizer, warmup_ratio: float, horiz
 
     def factor(step: int) -> float:
         total = max(1, horizon())
-        warmup = math.ceil(warmup_ratio * total)
+        warmup = warmup_steps(warmup_ratio, total)
         if step < warmup:
             return (step + 1) / (warmup + 1)
         return max(0.0, (total - step) / max(1, total - warmup))

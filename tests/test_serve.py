@@ -144,6 +144,17 @@ def test_sigterm_stops_cleanly(server):
     assert "Traceback" not in server.log_tail()
 
 
+def test_a_server_that_cannot_start_fails_with_its_log_and_leaves_nothing_behind(repo_root, tmp_path):
+    from conftest import stage_env
+
+    server = ServerProcess(["--model-dir", str(tmp_path / "no-export")], cwd=str(repo_root), env=stage_env())
+    with pytest.raises(RuntimeError, match="exited with code 1 before it was ready") as failed:
+        server.start()
+    assert "embedpipe.json not found" in str(failed.value)  # the child's own error, from its log
+    assert server.proc.poll() == 1 and server.log_path.exists()
+    assert server.close() == 1 and not server.log_path.exists()  # the temporary log goes with it
+
+
 def test_deploy_check_starts_and_stops_the_server(exported, repo_root):
     from conftest import stage_env
 
