@@ -8,7 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a message stays one line (the terminal wraps it), so logs and piped output never break a phrase
+# across lines; tables still fit the width.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def summary(title: str, rows: Mapping[str, Any]) -> None:

@@ -119,7 +119,7 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
         with console.status("starting the server"):
             server.start()
         dimension = smoke_test(server.base_url, name, env["OPENAI_API_KEY"])
-        console.print(f"server ready at {server.base_url} ('{name}', {variant}, dimension {dimension})", soft_wrap=True)
+        console.print(f"server ready at {server.base_url} ('{name}', {variant}, dimension {dimension})")
         if not smoke_only:
             batch = min(32, int(scfg.get("max_inputs_per_request") or 32))
             vectors = check_vectors(server.base_url, name, env["OPENAI_API_KEY"], sample, reference,
