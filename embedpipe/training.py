@@ -471,9 +471,13 @@ class TimeBudget:
             def on_step_begin(self, args, state, control, **kwargs):
                 budget._step_start = budget.clock()
 
-            def on_step_end(self, args, state, control, **kwargs):
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                # Timed here, not in on_step_end: the Trainer steps the learning-rate schedule between the
+                # two, so the schedule's next `horizon()` already knows this step's time.
                 budget._step_end = budget.clock()
                 budget.step_s.append(budget._step_end - budget._step_start)
+
+            def on_step_end(self, args, state, control, **kwargs):
                 if budget.should_stop(state.global_step, state.max_steps):
                     budget.stopped_at = state.global_step
                     control.should_training_stop = True

@@ -95,6 +95,26 @@ def test_schedule_decays_to_zero_where_the_budget_will_stop():
     assert TimeBudget(0, 30).horizon(10) == 30  # no budget: the plan
 
 
+def test_budget_callback_times_the_step_before_the_schedule_reads_the_horizon():
+    """The Trainer calls on_optimizer_step, then lr_scheduler.step(), then on_step_end: the horizon the
+    schedule reads after the first step must already use that step's measured time."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    now = [0.0]
+    budget = TimeBudget(max_minutes=2.0, planned_steps=50, clock=lambda: now[0])
+    callback, state, control = budget.callback(), TrainerState(), TrainerControl()
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    state.max_steps = 50
+    callback.on_train_begin(args, state, control)
+    callback.on_step_begin(args, state, control)
+    now[0] = 10.0
+    callback.on_optimizer_step(args, state, control)
+    assert budget.horizon(eval_steps=16) == 10  # what lr_scheduler.step() sees right after the first step
+    state.global_step = 1
+    callback.on_step_end(args, state, control)
+    assert not control.should_training_stop and budget.step_s == [10.0]
+
+
 def test_wise_interpolation_on_the_real_minilm(minilm):
     base = {k: v.clone() for k, v in minilm.state_dict().items()}
     tuned_model = copy.deepcopy(minilm)
