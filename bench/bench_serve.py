@@ -4,6 +4,7 @@
     python bench/bench_serve.py --compare-variants --beir-dir DIR [--max-passages 1500] [--out bench/results/serve.json]
 
 `--compare-variants`: build every CPU ONNX variant the export stage builds (fp32, fp32_opt, int8, int8_block), check each
+plus `torch_bf16` (torch under bfloat16 autocast, the server's `--torch-dtype bfloat16`),
 against torch on a real BEIR test set (cosine, metric drift @5+), serve each one that is within tolerance
 and the torch backend, and record the fastest within tolerance with its throughput ratio vs the torch server
 at concurrency 8 and its HTTP overhead vs in-process.
@@ -118,8 +119,8 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--beir-dir", default="data/prep/eval", show_default=True, help="--compare-variants: test set.")
 @click.option("--max-passages", default=1500, show_default=True,
               help="--compare-variants: every relevant passage + this many others (0 = all).")
-@click.option("--variants", default="fp32,fp32_opt,int8,int8_block", show_default=True,
-              help="--compare-variants: which ONNX variants (fp32 always).")
+@click.option("--variants", default="fp32,fp32_opt,int8,int8_block,torch_bf16", show_default=True,
+              help="--compare-variants: which variants (fp32 always; torch_bf16 = torch under bf16 autocast).")
 @click.option("--tolerance", default=0.01, show_default=True, help="Largest metric drift @5+ allowed.")
 @click.option("--out", "out_path", default="bench/results/serve.json", show_default=True,
               help="--compare-variants: result JSON.")
@@ -187,6 +188,19 @@ def serve_infinity(executable: str, model: str, st, texts: list[str], levels: li
             "cosine_min_vs_torch": parity["cosine_min"], "inputs_per_s": speed}
 
 
+def bf16_encode(st, texts: list[str], prompt: str = "") -> np.ndarray:
+    """Torch under bfloat16 autocast, as the server's `--torch-dtype bfloat16` runs it."""
+    import torch
+
+    with torch.autocast("cpu", torch.bfloat16):
+        return encode(st, texts, prompt)
+
+
+def server_key(variant: str) -> str:
+    """The speed table's key of a variant: ONNX variants are 'onnx <variant>', torch ones their own name."""
+    return variant if variant.startswith("torch") else f"onnx {variant}"
+
+
 def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
             tolerance: float, out_path: Path, chosen: list[str], infinity_bin: str | None = None) -> None:
     """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant."""
@@ -217,14 +231,16 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
     console.print(f"quality on {beir_dir}: {len(passages)} passages, {len(qtexts)} queries")
     ref, ref_metrics, torch_s = quality(lambda t, p: encode(st, t, p))
     variants: dict[str, dict] = {}
-    for name in build:
-        encoder = OnnxEncoder(tmp, name)
-        encoder.encode(passages[:8])
-        emb, metrics, seconds = quality(encoder.encode)
+    encoders = {name: OnnxEncoder(tmp, name).encode for name in build}
+    if "torch_bf16" in chosen:
+        encoders["torch_bf16"] = lambda t, p="": bf16_encode(st, t, p)
+    for name, encoder in encoders.items():
+        encoder(passages[:8])
+        emb, metrics, seconds = quality(encoder)
         drift = metric_drift(ref_metrics, metrics)
         variants[name] = {**cosine_parity(ref, emb), "metric_drift": drift, "passed": drift <= tolerance,
                           "encode_speed_vs_torch": round(torch_s / seconds, 2),
-                          **{k: v for k, v in build[name].items() if k in ("fused", "fp32_matmuls")}}
+                          **{k: v for k, v in build.get(name, {}).items() if k in ("fused", "fp32_matmuls")}}
         console.print(f"{name}: cosine min {variants[name]['cosine_min']:.5f}, drift {drift:.4f}, "
                       f"{variants[name]['encode_speed_vs_torch']}x torch (in-process, whole test set)")
 
@@ -232,7 +248,10 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     speed: dict[str, dict[str, float]] = {}
     runs = {f"onnx {v}": (["--model-dir", str(tmp), "--variant", v], OnnxEncoder(tmp, v).encode)
-            for v in variants if variants[v]["passed"]}
+            for v in variants if variants[v]["passed"] and v in build}
+    if variants.get("torch_bf16", {}).get("passed"):
+        runs["torch_bf16"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model,
+                               "--torch-dtype", "bfloat16"], lambda t: bf16_encode(st, t))
     runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model], lambda t: encode(st, t))
     for name, (args, in_process) in runs.items():
         in_process(texts[:8])
@@ -253,8 +272,8 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
 
     c = 8 if 8 in levels else max(levels)
     for v in variants:
-        if f"onnx {v}" in speed:
-            s = speed[f"onnx {v}"]
+        if server_key(v) in speed:
+            s = speed[server_key(v)]
             variants[v]["throughput_ratio_vs_torch_c8"] = round(s[f"server_c{c}"] / speed["torch"][f"server_c{c}"], 2)
             variants[v]["http_overhead_pct"] = round(100 * (1 - s[f"server_c{c}"] / s[f"in_process_c{c}"]), 1)
     passed = [v for v in variants if variants[v]["passed"]]
@@ -269,7 +288,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}
     if infinity:
-        ours = speed[f"onnx {best}"][f"server_c{c}"]
+        ours = speed[server_key(best)][f"server_c{c}"]
         infinity["throughput_ratio_ours_vs_infinity_c8"] = round(ours / infinity["inputs_per_s"][f"server_c{c}"], 2)
         infinity["torch_server_vs_infinity_c8"] = round(
             speed["torch"][f"server_c{c}"] / infinity["inputs_per_s"][f"server_c{c}"], 2)
