@@ -172,3 +172,19 @@ def test_deploy_check_without_export_is_a_clean_error(repo_root, tmp_path):
                             cwd=repo_root, env=stage_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "run the export stage first" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_torch_backend_under_bf16_autocast_serves_vectors_close_to_fp32(exported, repo_root, minilm):
+    """`--backend torch --torch-dtype bfloat16` (the fast path on CPUs with AVX-512 BF16/AMX): same API, the
+    vectors within bf16 rounding of the fp32 model's, still unit length."""
+    from conftest import stage_env
+
+    args = ["--params", str(exported / "params.yaml"), "--backend", "torch", "--torch-model", "all-MiniLM-L6-v2",
+            "--torch-dtype", "bfloat16", "--model-name", "bf16-embed"]
+    with ServerProcess(args, cwd=str(repo_root), env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
+        client = openai.OpenAI(base_url=proc.base_url, api_key=API_KEY, max_retries=0)
+        got = np.array([d.embedding for d in client.embeddings.create(model="bf16-embed", input=TEXTS).data])
+    reference = encode(minilm, TEXTS, PASSAGE_PROMPT)
+    cosine = (got * reference).sum(axis=1)
+    assert cosine.min() > 0.999 and np.abs(got - reference).max() > 0  # bf16 really ran, and stayed close
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)

@@ -105,6 +105,23 @@ def send_and_abandon(server, body: bytes, seconds: float) -> None:
         pass
 
 
+def send_until(server, body: bytes, abandon: threading.Event) -> None:
+    """POST `body` on a raw socket and close the connection, answer unread, once `abandon` is set."""
+    url = httpx.URL(server.base_url)
+    head = (f"POST {url.path}/embeddings HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {AUTH['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection((url.host, url.port)) as sock:
+        sock.sendall(head.encode() + body)
+        abandon.wait(60)
+
+
+def wait_for_queued_inputs(server, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while metric(server, "embed_queue_inputs") == 0:
+        assert time.monotonic() < deadline, "the big request never reached the queue"
+        time.sleep(0.05)
+
+
 # --- 1. one large request must not freeze the server -------------------------------------------------------
 
 
@@ -123,14 +140,18 @@ def test_huge_single_input_is_cut_off_the_loop(server):
 def test_128_inputs_of_60kb_keep_health_and_small_requests_answered(server):
     body = json.dumps({"input": ["word " * 12_000] * 128}).encode()  # 128 x 60 KB = 7.7 MB
     before = metric(server, "embed_cancelled_inputs_total")
+    abandon = threading.Event()
     with liveness(server) as lat:
-        big = threading.Thread(target=send_and_abandon, args=(server, body, 6.0))
+        big = threading.Thread(target=send_until, args=(server, body, abandon))
         big.start()
-        time.sleep(3)  # the big request is being computed in chunks now
+        wait_for_queued_inputs(server)  # the big request is being computed in chunks now
         start = time.perf_counter()
         small = httpx.post(f"{server.base_url}/embeddings", json={"input": "a small request"}, headers=AUTH,
                            timeout=60)
         small_s = time.perf_counter() - start
+        # Abandoned as soon as the small one is answered, not after a fixed time: on a fast machine the big
+        # request would otherwise finish first and leave nothing to cancel.
+        abandon.set()
         big.join()
         refused = httpx.post(f"{server.base_url}/embeddings", headers=AUTH, timeout=60,
                              content=body[:-1] + b', "truncate": "NONE"}')
