@@ -52,7 +52,7 @@ from embedpipe.endpoint import EmbeddingEndpoint  # noqa: E402
 from embedpipe.io import load_beir, load_corpus, passage_text  # noqa: E402
 from embedpipe.metrics import evaluate  # noqa: E402
 from embedpipe.models import encode, load_model, resolve_model  # noqa: E402
-from embedpipe.onnx_encoder import OnnxEncoder  # noqa: E402
+from embedpipe.onnx_encoder import OnnxEncoder, TorchEncoder  # noqa: E402
 from embedpipe.onnx_export import (  # noqa: E402
     build_int8,
     cosine_parity,
@@ -188,14 +188,6 @@ def serve_infinity(executable: str, model: str, st, texts: list[str], levels: li
             "cosine_min_vs_torch": parity["cosine_min"], "inputs_per_s": speed}
 
 
-def bf16_encode(st, texts: list[str], prompt: str = "") -> np.ndarray:
-    """Torch under bfloat16 autocast, as the server's `--torch-dtype bfloat16` runs it."""
-    import torch
-
-    with torch.autocast("cpu", torch.bfloat16):
-        return encode(st, texts, prompt)
-
-
 def server_key(variant: str) -> str:
     """The speed table's key of a variant: ONNX variants are 'onnx <variant>', torch ones their own name."""
     return variant if variant.startswith("torch") else f"onnx {variant}"
@@ -232,8 +224,9 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
     ref, ref_metrics, torch_s = quality(lambda t, p: encode(st, t, p))
     variants: dict[str, dict] = {}
     encoders = {name: OnnxEncoder(tmp, name).encode for name in build}
+    bf16 = TorchEncoder(st, "bench", bf16=True)  # the server's own `--torch-dtype bfloat16` encoder
     if "torch_bf16" in chosen:
-        encoders["torch_bf16"] = lambda t, p="": bf16_encode(st, t, p)
+        encoders["torch_bf16"] = bf16.encode
     for name, encoder in encoders.items():
         encoder(passages[:8])
         emb, metrics, seconds = quality(encoder)
@@ -251,7 +244,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
             for v in variants if variants[v]["passed"] and v in build}
     if variants.get("torch_bf16", {}).get("passed"):
         runs["torch_bf16"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model,
-                               "--torch-dtype", "bfloat16"], lambda t: bf16_encode(st, t))
+                               "--torch-dtype", "bfloat16"], bf16.encode)
     runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model], lambda t: encode(st, t))
     for name, (args, in_process) in runs.items():
         in_process(texts[:8])

@@ -151,7 +151,7 @@ class TorchEncoder(_PaddedEncoder):
     """A SentenceTransformer behind the same interface (the server's `torch` backend and the reference).
 
     `bf16`: run under bfloat16 autocast (weights stay fp32, pooling and normalisation in fp32). On CPUs with
-    AVX-512 BF16 or AMX this is the fastest CPU path measured (MiniLM, django-faq: 1.9x fp32 torch, cosine min
+    AVX-512 BF16 or AMX this is the fastest CPU path measured (MiniLM, django-faq: 1.6-1.9x fp32 torch in-process, cosine min
     0.99997, metric drift 0.0035; `bench/bench_serve.py --compare-variants`); elsewhere bf16 is emulated and slow.
     """
 
