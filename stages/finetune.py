@@ -30,6 +30,7 @@ from embedpipe.training import (
     is_main_process,
     make_evaluator,
     needs_teacher,
+    oversample_llm_questions,
     plan_training,
     regression_note,
     run_outputs,
@@ -113,9 +114,12 @@ def main(
     teacher_labels = needs_teacher(cfg)
     try:
         corpus = load_corpus(prep / "train_corpus.jsonl")
-        train_records = read_jsonl(prep / "train.jsonl")
+        train_records, llm_repeats = oversample_llm_questions(
+            read_jsonl(prep / "train.jsonl"), float(cfg.get("llm_share") or 0)
+        )
         val_records = read_jsonl(prep / "val.jsonl")
         table = build_training_table(train_records, corpus, int(cfg["passages_per_query"]), teacher_labels)
+        table.llm_repeats = llm_repeats
         val = validation_set(val_records, corpus, int(cfg.get("val_max_passages") or 0), int(cfg["seed"]),
                              int(cfg.get("val_min_llm_questions") or 0))
     except (FormatError, KeyError, ValueError) as e:

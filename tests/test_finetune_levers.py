@@ -22,6 +22,7 @@ from embedpipe.training import (
     interpolate_state,
     make_evaluator,
     make_loss,
+    oversample_llm_questions,
     validation_set,
 )
 
@@ -199,6 +200,8 @@ def test_bad_params_fail_before_training():
         check_params({**base, "wise_alphas": [1.5]})
     with pytest.raises(ValueError, match="max_minutes"):
         check_params({**base, "max_minutes": -1})
+    with pytest.raises(ValueError, match="llm_share"):
+        check_params({**base, "llm_share": 1.0})
 
 
 def test_validation_prefers_llm_questions_when_there_are_enough(prep):
@@ -214,3 +217,23 @@ def test_validation_prefers_llm_questions_when_there_are_enough(prep):
     assert len(too_few.queries) == n and too_few.inverse_cloze_left_out == 0
     off = validation_set(records, corpus, 0, seed=1, min_llm_questions=0)
     assert len(off.queries) == n and off.describe()["llm_questions"] == n - 2
+
+
+def test_llm_questions_are_repeated_up_to_their_share(prep, tiny_corpus_path):
+    """2 LLM + 8 inverse-cloze records at share 0.5: each LLM record 4x (8 of 16); the table counts them."""
+    llm = [{"question": f"What does setting {i} control?", "query_type": "contextual"} for i in range(2)]
+    ict = [{"question": f"A sentence number {i} taken from its passage.", "query_type": "inverse_cloze"}
+           for i in range(8)]
+    records, repeats = oversample_llm_questions(llm + ict, 0.5)
+    assert repeats == 4 and len(records) == 16
+    assert sum(r["query_type"] != "inverse_cloze" for r in records) == 8 and records[:10] == llm + ict
+    assert oversample_llm_questions(llm + ict, 0.0) == (llm + ict, 1)
+    assert oversample_llm_questions(llm + ict, 0.2) == (llm + ict, 1)  # already 20 %
+    assert oversample_llm_questions(ict, 0.5) == (ict, 1)  # nothing to repeat
+    corpus = load_corpus(prep / "train_corpus.jsonl")
+    train = read_jsonl(prep / "train.jsonl")
+    for r in train[1:]:
+        r["query_type"] = "inverse_cloze"
+    records, repeats = oversample_llm_questions(train, 0.5)
+    table = build_training_table(records, corpus, 3)
+    assert repeats == len(train) - 1 and table.llm_examples == repeats and table.examples == 2 * repeats
