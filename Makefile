@@ -11,10 +11,15 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-# Reinstall only when the requirements change.
-STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-llm.txt requirements-teacher.txt pyproject.toml | sha256sum | cut -c1-16)
+# Reinstall only when the requirements or the llama.cpp build flags change.
+# Native build without ggml's AMX kernels: on Sapphire Rapids-class CPUs (AMX) ggml_backend_amx_mul_mat segfaults
+# on the first Gemma Q4_K_M request (ggml-org/llama.cpp#20824; measured here: SIGSEGV, the SDG then got no LLM question).
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+STAMP := $(VENV)/.setup-$(shell (cat requirements.txt requirements-llm.txt requirements-teacher.txt pyproject.toml; \
+	echo "$(LLAMA_CMAKE_ARGS)") | sha256sum | cut -c1-16)
 
 .PHONY: help setup setup-qwen run test lint bench bench-serve bench-quality bench-quality-args serve push pull clean
 
@@ -28,8 +33,9 @@ $(STAMP): requirements.txt requirements-llm.txt requirements-teacher.txt pyproje
 	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-teacher.txt
+	$(VENV)/bin/pip uninstall -q -y llama-cpp-python 2>/dev/null || true
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-llm.txt
+		$(VENV)/bin/pip install -q --disable-pip-version-check --no-cache-dir -r requirements-llm.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.setup-*
 	touch $@

@@ -146,8 +146,12 @@ def request_key(request: dict[str, Any]) -> str:
 class LLMClient:
     """Cached, retrying, bounded-concurrency calls; `ask()` for one request, `map()` for many."""
 
-    def __init__(self, cfg: LLMConfig, cache: RequestCache, retry_failed: bool = False):
+    def __init__(self, cfg: LLMConfig, cache: RequestCache, retry_failed: bool = False,
+                 server_gone: Callable[[], str | None] | None = None):
+        """`server_gone`: for a server we started, says why it is no longer running (None while it runs), so that a
+        crashed server stops the run with its reason instead of being retried as a network fault."""
         self.cfg = cfg
+        self.server_gone = server_gone
         self.cache = cache
         self.retry_failed = retry_failed
         self.stats = Stats()
@@ -273,6 +277,8 @@ class LLMClient:
                 kind = "timeout"
             except openai.APIConnectionError:
                 kind = "connection"
+                if self.server_gone is not None and (why := self.server_gone()):
+                    raise LLMFatalError(why) from None
             except openai.APIStatusError as e:
                 if e.status_code < 500 and e.status_code not in (408, 409):
                     raise LLMFatalError(f"{self.cfg.base_url} answered {e.status_code}: {_short(e.message)}") from None

@@ -97,6 +97,15 @@ class ChildServer:
         except OSError:
             return "(no log)"
 
+    def exit_reason(self) -> str | None:
+        """None while the child runs; once it has died, what happened (exit code or signal) and its log's tail."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        code = self.proc.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+            else f"exited with code {code}"
+        return f"the {self.name} {how}; its log ({self.log_path}) ends with:\n{self.log_tail(1500)}"
+
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within timeout_s; returns the exit code (None: never started)."""
         if self.proc is None:

@@ -106,6 +106,7 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                 ),
                 cache,
                 retry_failed=retry_failed,
+                server_gone=server.exit_reason if server is not None else None,
             )
             client.set_time_budget(float(llm_cfg.get("time_budget_s") or 0))
             # 1. generation (jobs are in spread order: a budget cut keeps a spread over the corpus)

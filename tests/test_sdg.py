@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from embedpipe import sdg
 from embedpipe.io import read_json, read_jsonl
-from embedpipe.llm import ParseError, parse_json_object, request_key
+from embedpipe.llm import LLMClient, LLMConfig, LLMFatalError, ParseError, RequestCache, parse_json_object, request_key
+from embedpipe.processes import ChildServer, free_port
 from tests.conftest import stage_env
 from tests.sdg_helpers import FAULTS, FakeLLM, write_params
 
@@ -71,6 +72,33 @@ def test_faults_are_retried_nothing_lost_and_rerun_makes_zero_requests(tmp_path,
     assert second["requests"] == 0 and fresh.received == 0
     assert second["cache_hits"] == first["llm_jobs"] + len(judged)
     assert read_jsonl(tmp_path / "sdg" / "qa.jsonl") == qa
+
+
+CRASHING_SERVER = """
+import http.server, json, os, signal, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "m"}]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        os.kill(os.getpid(), signal.SIGSEGV)  # what ggml's AMX kernels did to llama.cpp on a Sapphire Rapids CPU
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_a_crashed_embedded_server_stops_the_run_with_its_reason(tmp_path):
+    """A server we started that dies is not retried as a network fault: the first failed request names the signal."""
+    port = free_port()
+    server = ChildServer("llama.cpp server", [sys.executable, "-c", CRASHING_SERVER, str(port)],
+                         f"http://127.0.0.1:{port}/v1/models", log_path=tmp_path / "server.log")
+    with server:
+        client = LLMClient(LLMConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout=5.0, max_retries=6),
+                           RequestCache(tmp_path / "requests.sqlite"), server_gone=server.exit_reason)
+        started = time.monotonic()
+        with pytest.raises(LLMFatalError, match="llama.cpp server was killed by SIGSEGV"):
+            client.ask({"model": "m", "prompt": "Q:", "max_tokens": 4})
+        assert time.monotonic() - started < 5  # no round of 6 backed-off retries
 
 
 def test_persistent_bad_output_is_recorded_as_failed_with_raw_text(tmp_path):
