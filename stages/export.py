@@ -2,7 +2,7 @@
 
 Every variant is checked against the PyTorch model on the test set (cosine per text, and the retrieval
 metrics through the same code as the eval stage); the fp32 graph failing its check fails the stage, any other
-variant failing its check is dropped. The fastest CPU variant that passed becomes the served default
+variant failing its check is dropped. The fastest batch-invariant CPU variant that passed (not dynamic int8) becomes the served default
 (`default_variant` in embedpipe.json, used by `serve.variant: auto`).
 """
 
@@ -25,7 +25,7 @@ from embedpipe.embed_store import encode_cached, encode_counts
 from embedpipe.io import FormatError, load_beir, load_corpus, passage_text, write_json
 from embedpipe.metrics import evaluate
 from embedpipe.models import ModelNotAvailable, encode, load_model
-from embedpipe.onnx_encoder import CPU_VARIANTS, VARIANTS, OnnxEncoder
+from embedpipe.onnx_encoder import BATCH_DEPENDENT, CPU_VARIANTS, VARIANTS, OnnxEncoder
 from embedpipe.onnx_export import (
     build_int8,
     build_trt_plan,
@@ -224,7 +224,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     elif trt_reason is not None:
         report["tensorrt"] = {"skipped": trt_reason}
 
-    passed = [v for v in CPU_VARIANTS if report.get(v, {}).get("passed")]
+    passed = [v for v in CPU_VARIANTS if v not in BATCH_DEPENDENT and report.get(v, {}).get("passed")]
     default = max(passed, key=lambda v: report[v]["texts_per_s"]) if passed else "fp32"
     set_default_variant(out, default)
 
@@ -259,7 +259,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
             verdict = "kept" if entry["passed"] else "FAILED"
             rows[variant] = (f"{verdict}: {entry['file_mb']} MB, cos min {entry['cosine_min']:.5f}{drift}, "
                              f"{entry['speed_vs_torch']}x")
-    rows["default variant"] = f"{default} (fastest CPU variant within tolerance; serve.variant auto)"
+    rows["default variant"] = f"{default} (fastest batch-invariant CPU variant within tolerance; serve.variant auto)"
     rows["triton repo"] = str(triton)
     rows["wall time s"] = result["wall_time_s"]
     summary("export", rows)
