@@ -381,15 +381,15 @@ def run_all(
     env: dict[str, str],
     verbose: bool,
     params: dict[str, Any],
-    seeds: int,
+    seeds: list[int],
     docs: Path,
     beir: Path,
     cache: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, float], dict[str, float], int | None, float]:
     """chunk and base eval once, then sdg -> prep -> finetune -> eval per seed; returns what the table needs."""
-    runner = Runner(work, env, verbose, ["chunk", "eval"] + list(SEED_STAGES) * seeds, [docs, beir])
+    runner = Runner(work, env, verbose, ["chunk", "eval"] + list(SEED_STAGES) * len(seeds), [docs, beir])
     params_files, seed_values = [], []
-    for k in range(seeds):
+    for k in seeds:
         p, values = seeded_params(params, k)
         path = work / "params" / f"seed{k}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,8 +416,8 @@ def run_all(
     click.echo(f"base model: nDCG@10 {base_block['ndcg@10']:.4f} on {len(base_pq)} queries", err=True)
 
     per_seed = []
-    for k in range(seeds):
-        d, pf, m = work / f"seed{k}", params_files[k], work / f"seed{k}" / "metrics"
+    for i, k in enumerate(seeds):
+        d, pf, m = work / f"seed{k}", params_files[i], work / f"seed{k}" / "metrics"
         steps = {
             "sdg": (["--corpus", str(corpus), "--out", str(d / "sdg"), "--metrics", str(m / "sdg.json"),
                      "--cache-dir", str(cache / "llm")], [d / "sdg" / "qa.jsonl", m / "sdg.json"]),
@@ -433,7 +433,7 @@ def run_all(
         times, force = {}, chunk_ran
         for stage, (args, outputs) in steps.items():
             times[stage], ran = runner.run(
-                f"seed{k}-{stage}", f"seed {k} ({k + 1}/{seeds}) {stage}", stage, args, pf, outputs, force
+                f"seed{k}-{stage}", f"seed {k} ({i + 1}/{len(seeds)}) {stage}", stage, args, pf, outputs, force
             )
             force = force or ran
         ft = read_json(m / "eval.json")["finetuned"]
@@ -442,7 +442,7 @@ def run_all(
         val_base, val_ft = train.get("val_ndcg@10_base"), train.get("val_ndcg@10_finetuned")
         row = {
             "seed": k,
-            "seed_values": seed_values[k],
+            "seed_values": seed_values[i],
             "base_ndcg@10": base_block["ndcg@10"],
             "finetuned_ndcg@10": ft["ndcg@10"],
             "gain_pct": round(pct(ft["ndcg@10"], base_block["ndcg@10"]), 3),
@@ -478,7 +478,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 @click.option(
     "--beir", "beir_dir", default=None, metavar="DIR", help="Human-labeled BEIR folder [default: BENCH/beir]."
 )
-@click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Seeds 0..N-1.")
+@click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Number of seeds.")
+@click.option(
+    "--first-seed", type=click.IntRange(0), default=0, show_default=True,
+    help="Seeds FIRST..FIRST+N-1 (e.g. 3 to replicate a 3-seed result on fresh seeds).",
+)  # fmt: skip
 @click.option(
     "-S", "--set-param", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Params override, repeatable, e.g. -S finetune.cpu.epochs=2 (dotted key, YAML value).",
@@ -507,6 +511,7 @@ def main(
     docs_dir: str | None,
     beir_dir: str | None,
     seeds: int,
+    first_seed: int,
     overrides: tuple[str, ...],
     params_path: str,
     workdir: str | None,
@@ -531,6 +536,7 @@ def main(
         set_dotted(params, key, value)
         applied[key] = value
 
+    seed_list = list(range(first_seed, first_seed + seeds))
     work, resumed = prepare_workdir(workdir)
     cache = Path(cache_dir).resolve() if cache_dir else work / "cache"
     models_dir = get_dotted(params, "sdg.llm.models_dir")
@@ -545,7 +551,7 @@ def main(
     )
     env.setdefault("HF_HUB_OFFLINE", "1")
     click.echo(
-        f"bench-quality: {bench_name}: train on {docs}, evaluate on {beir}; {seeds} seed(s); "
+        f"bench-quality: {bench_name}: train on {docs}, evaluate on {beir}; seeds {seed_list[0]}..{seed_list[-1]}; "
         f"workspace {work}{' (resuming)' if resumed else ''}",
         err=True,
     )
@@ -553,7 +559,7 @@ def main(
     signal.signal(signal.SIGTERM, _interrupt)  # a killed bench stops its running stage and keeps the workspace
     try:
         per_seed, base_block, base_pq, once, corpus_n, reused_s = run_all(
-            work, env, verbose, params, seeds, docs, beir, cache
+            work, env, verbose, params, seed_list, docs, beir, cache
         )
     except KeyboardInterrupt:
         raise BenchError(f"interrupted; the workspace {work} is kept: rerun with --workdir {work} to resume") from None
@@ -566,7 +572,7 @@ def main(
         "beir_dir": str(beir),
         "queries": len(base_pq),
         "passages": corpus_n,
-        "seeds": list(range(seeds)),
+        "seeds": seed_list,
         "params": applied,
         "params_file": str(params_path),
         **stats,

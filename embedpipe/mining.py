@@ -93,8 +93,12 @@ def _components(units_per_question: list[list[str]]) -> dict[str, str]:
     return {u: find(u) for u in parent}
 
 
-def _pick_test_groups(counts: dict[str, int], target: float, rng: random.Random) -> set[str]:
-    """Shuffle groups; add a group to test whenever that brings the test question count closer to target."""
+def _pick_test_groups(counts: dict[str, int], target: float, rng: random.Random, floor: int = 0) -> set[str]:
+    """Shuffle groups; add a group to test whenever that brings the test question count closer to target.
+
+    Then, while the test holds fewer than `floor` questions, add the smallest remaining group that
+    reaches it (or the largest one when none does); one group always stays on the training side.
+    """
     groups = sorted(counts)
     rng.shuffle(groups)
     test: set[str] = set()
@@ -105,10 +109,20 @@ def _pick_test_groups(counts: dict[str, int], target: float, rng: random.Random)
             total += counts[g]
     if not test and len(groups) > 1:  # every group is larger than the target: hold out the smallest
         test.add(min(groups, key=lambda g: (counts[g], groups.index(g))))
+        total = sum(counts[g] for g in test)
+    while total < floor:
+        rest = [g for g in groups if g not in test]
+        if len(rest) < 2:
+            break
+        reaching = [g for g in rest if total + counts[g] >= floor]
+        pick = min(reaching, key=lambda g: counts[g]) if reaching else max(rest, key=lambda g: counts[g])
+        test.add(pick)
+        total += counts[pick]
     return test
 
 
-def _grouped(questions: list[dict], unit_of: Callable[[str], str], test_fraction: float, rng: random.Random):
+def _grouped(questions: list[dict], unit_of: Callable[[str], str], test_fraction: float, rng: random.Random,
+             floor: int = 0):
     """Split by units; returns (train, test, test_units, dropped) or None when the units cannot be split."""
     units = [list(dict.fromkeys(unit_of(s) for s in q["segment_ids"])) for q in questions]
     if len({u for us in units for u in us}) < 2:
@@ -119,7 +133,7 @@ def _grouped(questions: list[dict], unit_of: Callable[[str], str], test_fraction
     counts: dict[str, int] = {}
     for us in units:
         counts[comp[us[0]]] = counts.get(comp[us[0]], 0) + 1
-    test_groups = _pick_test_groups(counts, target, rng) if len(counts) > 1 else set()
+    test_groups = _pick_test_groups(counts, target, rng, floor) if len(counts) > 1 else set()
     if test_groups and len(test_groups) < len(counts):
         test_units = {u for u, c in comp.items() if c in test_groups}
     else:
@@ -130,7 +144,7 @@ def _grouped(questions: list[dict], unit_of: Callable[[str], str], test_fraction
         for us in units:
             for u in us:
                 counts.setdefault(u, 0)
-        test_units = _pick_test_groups(counts, target, rng)
+        test_units = _pick_test_groups(counts, target, rng, floor)
     train, test, dropped = [], [], 0
     for q, us in zip(questions, units, strict=True):
         inside = sum(u in test_units for u in us)
@@ -172,6 +186,7 @@ def split_questions(
     if len(questions) < 2:
         raise PrepError(f"need at least 2 usable questions to split, got {len(questions)}")
     test_fraction = max(test_fraction, min(test_min / len(questions), 0.5))
+    floor = min(test_min, len(questions) // 2)  # whole groups may overshoot the target; never undershoot this
     rng = random.Random(seed)
     asked, notes = group_by, []
     result = None
@@ -186,7 +201,7 @@ def split_questions(
             result = (train, test, set(), 0)
         else:
             unit_of = (lambda s: corpus[s].get("doc") or s) if mode == "document" else (lambda s: s)
-            result = _grouped(questions, unit_of, test_fraction, rng)
+            result = _grouped(questions, unit_of, test_fraction, rng, floor)
         if result is not None:
             group_by = mode
             break

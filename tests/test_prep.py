@@ -91,6 +91,18 @@ def test_split_test_min_enlarges_a_small_test_set_up_to_half():
     assert len(split_questions(qs, corpus, test_fraction=0.4, test_min=30).test) == 40  # the fraction is a floor too
 
 
+def test_split_test_min_is_reached_when_whole_documents_overshoot_or_undershoot():
+    # 60 documents of 7 questions each: 150 is not a sum of 7s, the closest pick (147) falls short.
+    corpus = {f"p{i}": {"_id": f"p{i}", "text": "t", "doc": f"d{i // 7}.md"} for i in range(420)}
+    qs = [_qa(f"q{i}", [f"p{i}"]) for i in range(420)]
+    for seed in range(5):
+        split = split_questions(qs, corpus, test_fraction=0.2, test_min=150, seed=seed)
+        assert 150 <= len(split.test) < 150 + 7
+        test_docs = {corpus[p]["doc"] for q in split.test for p in q["segment_ids"]}
+        train_docs = {corpus[p]["doc"] for q in split.train + split.val for p in q["segment_ids"]}
+        assert test_docs.isdisjoint(train_docs)
+
+
 def test_clean_questions_drops_unknown_segments(tiny_corpus_path):
     corpus = load_corpus(tiny_corpus_path)
     kept, dropped = clean_questions([_qa("a", ["nope"]), _qa("b", []), _qa("c", [next(iter(corpus))])], corpus)
