@@ -122,6 +122,8 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--variants", default="fp32,fp32_opt,int8,int8_block,torch_bf16", show_default=True,
               help="--compare-variants: which variants (fp32 always; torch_bf16 = torch under bf16 autocast).")
 @click.option("--tolerance", default=0.01, show_default=True, help="Largest metric drift @5+ allowed.")
+@click.option("--max-batch-tokens", "batch_tokens", type=int, default=None,
+              help="--compare-variants: every server's tokens per model call (default: params.yaml serve).")
 @click.option("--out", "out_path", default="bench/results/serve.json", show_default=True,
               help="--compare-variants: result JSON.")
 @click.option("--infinity", "infinity_bin", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -129,7 +131,7 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
                    "serve the same model under the same traffic, side by side.")
 def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bool, abuse_concurrency: int,
          huge_inputs: int, huge_chars: int, compare_variants: bool, beir_dir: str, max_passages: int, variants: str,
-         tolerance: float, out_path: str, infinity_bin: str | None) -> None:
+         tolerance: float, batch_tokens: int | None, out_path: str, infinity_bin: str | None) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     st = load_model(model, device="cpu")
     if abuse:
@@ -139,7 +141,7 @@ def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bo
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if compare_variants:
             compare(model, st, Path(tmp), Path(beir_dir), max_passages, n_requests, levels, tolerance, Path(out_path),
-                    [v.strip() for v in variants.split(",")], infinity_bin)
+                    [v.strip() for v in variants.split(",")], infinity_bin, batch_tokens)
         else:
             run(model, st, Path(tmp), load_texts(n_requests), levels, [b.strip() for b in backends.split(",")])
 
@@ -194,7 +196,8 @@ def server_key(variant: str) -> str:
 
 
 def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
-            tolerance: float, out_path: Path, chosen: list[str], infinity_bin: str | None = None) -> None:
+            tolerance: float, out_path: Path, chosen: list[str], infinity_bin: str | None = None,
+            batch_tokens: int | None = None) -> None:
     """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant."""
     console = Console()
     logging.getLogger().setLevel(logging.ERROR)
@@ -248,7 +251,8 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
     runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model], lambda t: encode(st, t))
     for name, (args, in_process) in runs.items():
         in_process(texts[:8])
-        with ServerProcess([*args, "--model-name", "bench"], cwd=str(ROOT), env=env) as server:
+        tokens = ["--max-batch-tokens", str(batch_tokens)] if batch_tokens else []
+        with ServerProcess([*args, *tokens, "--model-name", "bench"], cwd=str(ROOT), env=env) as server:
             drive_server(server.base_url, texts[:8], 2)  # warm-up
             for c in levels:
                 seconds, _ = drive_server(server.base_url, texts, c)
@@ -276,7 +280,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
               "http_overhead_pct": variants[best]["http_overhead_pct"], "tolerance": tolerance,
               "concurrency": c, "model": model, "test_set": {"beir_dir": str(beir_dir), "passages": len(passages),
                                                               "queries": len(qtexts)},
-              "requests_per_cell": n_requests, "command": " ".join(["python", *sys.argv]), "variants": variants,
+              "requests_per_cell": n_requests, "max_batch_tokens": batch_tokens, "command": " ".join(["python", *sys.argv]), "variants": variants,
               "inputs_per_s": speed,
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}

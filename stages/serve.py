@@ -36,10 +36,12 @@ from embedpipe.params import load_params, section
 @click.option("--port", type=int, default=None, help="Port (overrides serve.port).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (0 = all cores).")
 @click.option("--max-batch-size", type=int, default=None, help="Inputs per model call (overrides serve.max_batch_size).")
+@click.option("--max-batch-tokens", type=int, default=None,
+              help="Tokens per model call (overrides serve.max_batch_tokens; bf16 on AMX wants 2048+).")
 @click.option("--max-wait-ms", type=float, default=None, help="Batching wait (overrides serve.max_wait_ms).")
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
 def main(params_path, model_dir, backend, variant, device, torch_model, torch_dtype, model_name, host, port, threads,
-         max_batch_size, max_wait_ms, log_level) -> None:
+         max_batch_size, max_batch_tokens, max_wait_ms, log_level) -> None:
     """Serve POST /v1/embeddings (OpenAI + NIM fields), /v1/models, /v1/health/{live,ready} and /metrics.
 
     Requests without input_type get serve.default_input_type's prompt; truncate defaults to
@@ -87,7 +89,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     settings = ServerSettings(
         model_name=model_name or cfg.get("model_name") or encoder.name,
         max_batch_size=max_batch_size or cfg["max_batch_size"],
-        max_batch_tokens=cfg["max_batch_tokens"],
+        max_batch_tokens=max_batch_tokens or cfg["max_batch_tokens"],
         max_wait_ms=cfg["max_wait_ms"] if max_wait_ms is None else max_wait_ms,
         max_inputs_per_request=cfg["max_inputs_per_request"],
         max_tokens_per_input=cfg["max_tokens_per_input"],
