@@ -280,7 +280,8 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
               "http_overhead_pct": variants[best]["http_overhead_pct"], "tolerance": tolerance,
               "concurrency": c, "model": model, "test_set": {"beir_dir": str(beir_dir), "passages": len(passages),
                                                               "queries": len(qtexts)},
-              "requests_per_cell": n_requests, "max_batch_tokens": batch_tokens, "command": " ".join(["python", *sys.argv]), "variants": variants,
+              "requests_per_cell": n_requests, "max_batch_tokens": batch_tokens,
+              "command": " ".join(["python", *sys.argv]), "variants": variants,
               "inputs_per_s": speed,
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}

@@ -108,8 +108,9 @@ def _pick_test_groups(counts: dict[str, int], target: float, rng: random.Random,
             test.add(g)
             total += counts[g]
     if not test and len(groups) > 1:  # every group is larger than the target: hold out the smallest
-        test.add(min(groups, key=lambda g: (counts[g], groups.index(g))))
-        total = sum(counts[g] for g in test)
+        smallest = min(groups, key=lambda g: (counts[g], groups.index(g)))
+        test.add(smallest)
+        total = counts[smallest]
     while total < floor:
         rest = [g for g in groups if g not in test]
         if len(rest) < 2:
