@@ -617,15 +617,18 @@ def choose_alpha(
 ) -> tuple[float, dict[float, float]]:
     """Score fine-tuned*alpha + base*(1-alpha) on validation for each alpha, load the best into `model`.
 
-    alpha = 0 (the base model, already scored) and alpha = 1 (the best checkpoint, already scored) cost
-    nothing; every other alpha is one validation. Ties go to the larger alpha (closer to the fine-tuned model),
-    so the base model is kept only when it is strictly better: the regression guard.
+    The candidates are the listed alphas and alpha = 0 (the base model, always: the regression guard); the base
+    and alpha = 1 (the best checkpoint) are already scored, every other alpha is one validation. A list with one
+    alpha besides 0/1, e.g. [0.3], fixes it: synthetic validation does not see what full fine-tuning forgets
+    on human queries (docs/quality.md). Ties go to the larger alpha (closer to the fine-tuned model), so the
+    base model is kept only when it is strictly better.
     """
     from embedpipe.embed_store import forget_fingerprint
 
     tuned_state = _cpu_state(model)
-    scores: dict[float, float] = {0.0: base_score, 1.0: tuned_score}
-    for alpha in sorted({float(a) for a in alphas} - {0.0, 1.0}):
+    candidates = {float(a) for a in alphas}
+    scores: dict[float, float] = {0.0: base_score} | ({1.0: tuned_score} if 1.0 in candidates else {})
+    for alpha in sorted(candidates - {0.0, 1.0}):
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"finetune.wise_alphas must lie in [0, 1], got {alpha}")
         model.load_state_dict(interpolate_state(base_state, tuned_state, alpha))

@@ -13,12 +13,14 @@ from finetune_helpers import VAL_QUESTIONS, write_prep
 from embedpipe.embed_store import read_encode_log
 from embedpipe.io import load_corpus, read_jsonl
 from embedpipe.training import (
+    METRIC,
     ContrastivePlusDistillation,
     HardNegativeSoftmaxLoss,
     TimeBudget,
     budget_schedule,
     build_training_table,
     check_params,
+    choose_alpha,
     interpolate_state,
     make_evaluator,
     make_loss,
@@ -135,6 +137,23 @@ def test_wise_interpolation_on_the_real_minilm(minilm):
     tuned_model.load_state_dict(half)  # loadable as is
     with pytest.raises(ValueError, match="state dicts differ"):
         interpolate_state(base, {k: v for k, v in tuned.items() if k != floats[0]}, 0.5)
+
+
+def test_choose_alpha_keeps_a_fixed_alpha_even_when_validation_prefers_the_fine_tuned_model():
+    """wise_alphas [0.3]: the candidates are the base and alpha 0.3 only (alpha 1 is not one unless listed); the
+    base still wins when it scores strictly better (the regression guard); [0.3, 1.0] picks by validation."""
+    base_state = {"weight": torch.zeros(1, 1)}
+    model = torch.nn.Linear(1, 1, bias=False)
+
+    def evaluator(m):  # validation prefers weights close to 1 (the fine-tuned model): score = w
+        return {METRIC: float(m.weight.item())}
+
+    for alphas, base_score, want in (([0.3], 0.0, 0.3), ([0.3], 0.5, 0.0), ([0.3, 1.0], 0.0, 1.0)):
+        with torch.no_grad():
+            model.weight.fill_(1.0)  # the best checkpoint
+        alpha, scores = choose_alpha(model, base_state, evaluator, alphas, base_score, tuned_score=1.0)
+        assert alpha == want and set(scores) == {0.0, *alphas}
+        assert model.weight.item() == pytest.approx(want)  # the chosen weights are loaded
 
 
 def test_teacher_labels_follow_the_picked_negatives(tiny_corpus_path):

@@ -176,15 +176,20 @@ def test_deploy_check_without_export_is_a_clean_error(repo_root, tmp_path):
 
 def test_torch_backend_under_bf16_autocast_serves_vectors_close_to_fp32(exported, repo_root, minilm):
     """`--backend torch --torch-dtype bfloat16` (the fast path on CPUs with AVX-512 BF16/AMX): same API, the
-    vectors within bf16 rounding of the fp32 model's, still unit length."""
+    vectors within bf16 rounding of the fp32 model's, still unit length. `--max-batch-tokens 40` really bounds
+    the model calls: a request of 8 inputs of ~16 tokens runs in several calls, not in one."""
     from conftest import stage_env
 
     args = ["--params", str(exported / "params.yaml"), "--backend", "torch", "--torch-model", "all-MiniLM-L6-v2",
-            "--torch-dtype", "bfloat16", "--model-name", "bf16-embed"]
+            "--torch-dtype", "bfloat16", "--model-name", "bf16-embed", "--max-batch-tokens", "40"]
+    texts = TEXTS + [f"Descale boiler number {i} every three months, then rinse it." for i in range(5)]
     with ServerProcess(args, cwd=str(repo_root), env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
         client = openai.OpenAI(base_url=proc.base_url, api_key=API_KEY, max_retries=0)
-        got = np.array([d.embedding for d in client.embeddings.create(model="bf16-embed", input=TEXTS).data])
-    reference = encode(minilm, TEXTS, PASSAGE_PROMPT)
+        got = np.array([d.embedding for d in client.embeddings.create(model="bf16-embed", input=texts).data])
+        calls, inputs = batch_stats(proc)
+    tokens = minilm.tokenizer([PASSAGE_PROMPT + t for t in texts], return_length=True)["length"]
+    assert inputs == len(texts) and calls >= sum(tokens) / 40 > 1  # in model calls of <= 40 tokens each
+    reference = encode(minilm, texts, PASSAGE_PROMPT)
     cosine = (got * reference).sum(axis=1)
     assert cosine.min() > 0.999 and np.abs(got - reference).max() > 0  # bf16 really ran, and stayed close
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
