@@ -17,7 +17,10 @@ import numpy as np
 
 VARIANTS = {"fp32": "model.onnx", "fp32_opt": "model_opt.onnx", "int8": "model_int8.onnx",
             "int8_block": "model_int8_block.onnx", "fp16": "model_fp16.onnx"}
-CPU_VARIANTS = ("fp32", "fp32_opt", "int8", "int8_block")  # candidates for the CPU default; fp16 is meant for GPUs
+# torch_bf16: the fine-tuned weights saved next to the graphs (OUT/torch/), run by torch under bfloat16 autocast; the
+# fastest CPU path on CPUs with AVX-512 BF16 / AMX (`embedpipe.models.cpu_has_bf16`), emulated and slow elsewhere.
+TORCH_VARIANT, TORCH_DIR = "torch_bf16", "torch"
+CPU_VARIANTS = ("fp32", "fp32_opt", "int8", "int8_block", TORCH_VARIANT)  # candidates for the CPU default (fp16: GPUs)
 # Dynamic int8 quantises each MatMul input with one scale over the whole batch tensor, so a text's vector depends on
 # the texts that share its batch: parity measured in the export's batching does not hold under the server's
 # (measured: drift 0.008 in export, 0.020 served over HTTP). Served only when asked for (serve.variant: int8).
@@ -37,12 +40,34 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def variant_path(folder: str | Path, variant: str) -> Path:
+    """Where an export keeps a variant: its .onnx file, or the torch folder for torch_bf16."""
+    return Path(folder) / (TORCH_DIR if variant == TORCH_VARIANT else VARIANTS.get(variant, "-"))
+
+
 def resolve_variant(folder: str | Path, variant: str) -> str:
     """`auto` -> the export's `default_variant` (the fastest CPU variant that passed parity), else fp32."""
     if variant != "auto":
         return variant
     chosen = read_export_config(folder).get("default_variant", "fp32")
-    return chosen if (Path(folder) / VARIANTS.get(chosen, "-")).is_file() else "fp32"
+    return chosen if variant_path(folder, chosen).exists() else "fp32"
+
+
+def open_encoder(folder: str | Path, variant: str = "auto", device: str = "cpu", threads: int = 0) -> Any:
+    """An exported folder's encoder: ONNX variants on onnxruntime, torch_bf16 on its torch copy (bf16 autocast)."""
+    folder = Path(folder)
+    variant = resolve_variant(folder, variant)
+    if variant != TORCH_VARIANT:
+        return OnnxEncoder(folder, variant, device, threads)
+    from embedpipe.models import load_model
+
+    config, path = read_export_config(folder), folder / TORCH_DIR
+    if not (path / "modules.json").is_file():
+        raise ExportNotFound(f"{path} not found (the export stage writes it only when torch_bf16 passes its parity check)")
+    model = load_model(str(path), device="cuda" if device in ("cuda", "tensorrt") else "cpu",
+                       max_seq_length=int(config["max_seq_length"]))
+    return TorchEncoder(model, config.get("name", folder.name), config.get("query_prompt", ""),
+                        config.get("passage_prompt", ""), bf16=True)
 
 
 def providers_for(device: str) -> list[Any]:
@@ -120,7 +145,8 @@ class OnnxEncoder(_PaddedEncoder):
         self.config = read_export_config(folder)
         variant = resolve_variant(folder, variant)
         if variant not in VARIANTS:
-            raise ValueError(f"unknown variant '{variant}' (auto | {' | '.join(VARIANTS)})")
+            hint = " (a torch variant: open it with open_encoder)" if variant == TORCH_VARIANT else ""
+            raise ValueError(f"unknown ONNX variant '{variant}' (auto | {' | '.join(VARIANTS)}){hint}")
         path = folder / VARIANTS[variant]
         if not path.is_file():
             raise ExportNotFound(f"{path} not found (the export stage writes it only when it passes its parity check)")

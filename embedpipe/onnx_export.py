@@ -272,7 +272,10 @@ def timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
 
 
 def file_mb(path: str | Path) -> float:
-    return round(os.path.getsize(path) / 2**20, 2)
+    """Size of a file, or of every file in a folder, in MiB."""
+    path = Path(path)
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return round(sum(os.path.getsize(f) for f in files) / 2**20, 2)
 
 
 # --- TensorRT ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Every variant is checked against the PyTorch model on the test set (cosine per text, and the retrieval
 metrics through the same code as the eval stage); the fp32 graph failing its check fails the stage, any other
-variant failing its check is dropped. The fastest batch-invariant CPU variant that passed (not dynamic int8) becomes the served default
-(`default_variant` in embedpipe.json, used by `serve.variant: auto`).
+variant failing its check is dropped. On CPUs with native bfloat16 (AVX-512 BF16 / AMX) the torch model under bf16
+autocast is checked the same way (`torch_bf16`, saved to OUT/torch/ when it passes). The fastest batch-invariant
+CPU variant that passed (not dynamic int8) becomes the served default (`default_variant` in embedpipe.json, used by
+`serve.variant: auto`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ from embedpipe.console import alert, console, summary, warn
 from embedpipe.embed_store import encode_cached, encode_counts
 from embedpipe.io import FormatError, load_beir, load_corpus, passage_text, write_json
 from embedpipe.metrics import evaluate
-from embedpipe.models import ModelNotAvailable, encode, load_model
-from embedpipe.onnx_encoder import BATCH_DEPENDENT, CPU_VARIANTS, VARIANTS, OnnxEncoder
+from embedpipe.models import ModelNotAvailable, cpu_has_bf16, encode, load_model
+from embedpipe.onnx_encoder import (
+    BATCH_DEPENDENT,
+    CPU_VARIANTS,
+    TORCH_DIR,
+    TORCH_VARIANT,
+    VARIANTS,
+    OnnxEncoder,
+    TorchEncoder,
+)
 from embedpipe.onnx_export import (
     build_int8,
     build_trt_plan,
@@ -119,9 +129,10 @@ def torch_reference(model: Any, data: dict[str, Any], query_prompt: str, passage
 def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: str | None, metrics_path: str) -> None:
     """Export the fine-tuned model to ONNX (one graph: token ids -> normalised embedding) and check parity.
 
-    Writes OUT/model.onnx, OUT/model_int8.onnx and OUT/model_fp16.onnx (each kept only when its check
-    passes), the tokenizer, OUT/embedpipe.json (prompts, max length, dimension, name), OUT/triton/ (a Triton
-    model repository) and, on a GPU with TensorRT, an engine. Fails when the fp32 graph does not match.
+    Writes OUT/model.onnx, OUT/model_opt.onnx, OUT/model_int8*.onnx and OUT/model_fp16.onnx (each kept only
+    when its check passes), on CPUs with native bfloat16 OUT/torch/ (the torch_bf16 variant, when it passes),
+    the tokenizer, OUT/embedpipe.json (prompts, max length, dimension, name, the served default), OUT/triton/
+    (a Triton model repository) and, on a GPU with TensorRT, an engine. Fails when the fp32 graph does not match.
     """
     started = time.time()
     params = load_params(params_path)
@@ -188,6 +199,21 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     report: dict[str, Any] = {"torch": {"seconds": round(torch_s, 3), "texts_per_s": round(n_texts / torch_s, 1),
                                         "metrics": ref_metrics, **ref_info}}
     tol, cos_min = float(cfg["metric_tolerance"]), float(cfg["cosine_min"])
+
+    def check(variant: str, encode_fn, size_mb: float) -> dict[str, Any]:
+        """Parity of one variant against the torch vectors: cosine per text, metric drift, speed."""
+        encode_fn(data["passages"][:2])  # warm-up (TensorRT builds its engine here)
+        emb, seconds, metrics = run_encoder(encode_fn, data, query_prompt, passage_prompt)
+        entry = {"file_mb": size_mb, **cosine_parity(ref, emb), "speed_vs_torch": round(torch_s / seconds, 2),
+                 "texts_per_s": round(n_texts / seconds, 1), "metrics": metrics, **build.get(variant, {})}
+        if metrics:
+            entry["metric_max_drift"] = metric_drift(ref_metrics, metrics)
+            ok = entry["metric_max_drift"] <= tol and (variant != "fp32" or entry["cosine_min"] >= cos_min)
+        else:
+            ok = entry["cosine_min"] >= (cos_min if variant == "fp32" else float(cfg["quantized_cosine_min"]))
+        entry["passed"] = bool(ok)
+        return entry
+
     for variant in tqdm(variants, desc="parity", unit="variant", disable=None):
         if variant == "tensorrt":
             opts = tensorrt_provider_options(out / "trt_cache", names, int(cfg["tensorrt"]["max_batch"]),
@@ -203,20 +229,23 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
                 report[variant] = {"file_mb": file_mb(out / VARIANTS[variant]), "checked": False}
                 continue
             path = out / VARIANTS[variant]
-        encoder.encode(data["passages"][:2])  # warm-up (TensorRT builds its engine here)
-        emb, seconds, metrics = run_encoder(encoder.encode, data, query_prompt, passage_prompt)
-        entry = {"file_mb": file_mb(path), **cosine_parity(ref, emb), "speed_vs_torch": round(torch_s / seconds, 2),
-                 "texts_per_s": round(n_texts / seconds, 1), "metrics": metrics, **build.get(variant, {})}
-        if metrics:
-            entry["metric_max_drift"] = metric_drift(ref_metrics, metrics)
-            ok = entry["metric_max_drift"] <= tol and (variant != "fp32" or entry["cosine_min"] >= cos_min)
-        else:
-            ok = entry["cosine_min"] >= (cos_min if variant == "fp32" else float(cfg["quantized_cosine_min"]))
-        entry["passed"] = bool(ok)
-        report[variant] = entry
-        if not ok and variant in ("fp32_opt", "int8", "int8_block", "fp16"):
+        report[variant] = entry = check(variant, encoder.encode, file_mb(path))
+        if not entry["passed"] and variant in ("fp32_opt", "int8", "int8_block", "fp16"):
             warn(f"{variant} failed its parity check (see metrics): dropped")
             (out / VARIANTS[variant]).unlink()
+    bf16 = str(cfg.get("torch_bf16", "auto")).lower()
+    if bf16 == "true" or (bf16 == "auto" and cpu_has_bf16()):
+        with console.status("torch_bf16: parity under bfloat16 autocast"):
+            entry = check(TORCH_VARIANT, TorchEncoder(model, name, query_prompt, passage_prompt, bf16=True).encode, 0.0)
+        if entry["passed"]:
+            model.save(str(out / TORCH_DIR))
+            entry["file_mb"] = file_mb(out / TORCH_DIR)
+        else:
+            warn(f"{TORCH_VARIANT} failed its parity check (see metrics): not saved")
+        report[TORCH_VARIANT] = entry
+    else:
+        report[TORCH_VARIANT] = {"skipped": "this CPU has no native bfloat16 (AVX-512 BF16 / AMX); export.torch_bf16: "
+                                            "true checks it anyway" if bf16 == "auto" else "export.torch_bf16: false"}
     if report.get("tensorrt", {}).get("passed") and shutil.which("trtexec"):
         plan = build_trt_plan(out / VARIANTS["fp32"], out / "model.plan", names, int(cfg["tensorrt"]["max_batch"]),
                               model.max_seq_length, bool(cfg["tensorrt"]["fp16"]), bool(cfg["tensorrt"]["fp8"]))

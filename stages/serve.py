@@ -24,8 +24,9 @@ from embedpipe.params import load_params, section
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help="Params file.")
 @click.option("--model-dir", default=None, help="Exported folder (overrides serve.model_dir).")
 @click.option("--backend", type=click.Choice(["onnx", "torch"]), default=None, help="Overrides serve.backend.")
-@click.option("--variant", type=click.Choice(["auto", "fp32", "fp32_opt", "int8", "int8_block", "fp16"]), default=None,
-              help="ONNX variant (overrides serve.variant; auto: the export's fastest within tolerance).")
+@click.option("--variant", type=click.Choice(["auto", "fp32", "fp32_opt", "int8", "int8_block", "fp16", "torch_bf16"]),
+              default=None, help="Exported variant (overrides serve.variant; auto: the export's fastest within "
+                                 "tolerance; torch_bf16: the export's torch copy under bf16 autocast).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="onnxruntime provider, or torch device (overrides serve.device).")
 @click.option("--torch-model", default=None, help="Torch backend: model folder or name (overrides serve.torch_model).")
@@ -48,7 +49,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     serve.default_truncate. On SIGTERM / Ctrl-C, work in flight gets serve.drain_timeout_s to finish; the
     exit code is 1 if any accepted request had to be answered 503 instead.
     """
-    from embedpipe.onnx_encoder import ExportNotFound, OnnxEncoder, TorchEncoder, read_export_config
+    from embedpipe.onnx_encoder import ExportNotFound, TorchEncoder, open_encoder, read_export_config
     from embedpipe.server import ServerSettings, create_app, run_server
 
     params = load_params(params_path)
@@ -62,8 +63,8 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
                 import onnxruntime as ort
 
                 device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-            encoder = OnnxEncoder(folder, variant or cfg["variant"], device,
-                                  threads=cfg["threads"] if threads is None else threads)
+            encoder = open_encoder(folder, variant or cfg["variant"], device,
+                                   threads=cfg["threads"] if threads is None else threads)
         else:
             from embedpipe.models import ModelNotAvailable, load_model
             from embedpipe.onnx_export import model_prompts
@@ -109,7 +110,8 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     port = port or cfg["port"]
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
-    console.print(f"serving '{settings.model_name}' ({backend} {encoder.variant}, {encoder.device}) on "
+    runtime = "torch" if isinstance(encoder, TorchEncoder) else "onnxruntime"
+    console.print(f"serving '{settings.model_name}' ({encoder.variant} on {runtime}, {encoder.device}) on "
                   f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
     sys.exit(run_server(create_app(encoder, settings), settings, host, port, log_level))
 

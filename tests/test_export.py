@@ -10,7 +10,7 @@ import pytest
 
 from embedpipe.io import load_corpus, passage_text
 from embedpipe.models import encode
-from embedpipe.onnx_encoder import BATCH_DEPENDENT, CPU_VARIANTS, VARIANTS, OnnxEncoder
+from embedpipe.onnx_encoder import BATCH_DEPENDENT, CPU_VARIANTS, VARIANTS, OnnxEncoder, open_encoder
 from embedpipe.onnx_export import int8_matmul_error
 from tests.serve_helpers import PASSAGE_PROMPT, QUERY_PROMPT, make_session_export
 
@@ -81,7 +81,10 @@ def test_fast_variants_are_built_checked_and_the_fastest_passing_one_is_the_defa
     assert "int8" not in passed
     assert report["default_variant"] == max(passed, key=lambda v: variants[v]["texts_per_s"])
     assert json.loads((out / "embedpipe.json").read_text())["default_variant"] == report["default_variant"]
-    assert OnnxEncoder(out, "auto").variant == report["default_variant"]
+    assert open_encoder(out, "auto").variant == report["default_variant"]
+    bf16 = variants["torch_bf16"]  # the torch copy under bf16 autocast: close to fp32, saved only when it passed
+    assert bf16["passed"] and bf16["cosine_min"] > 0.999 and bf16["metric_max_drift"] <= 0.01
+    assert (out / "torch" / "modules.json").is_file() and bf16["file_mb"] > 80  # MiniLM's weights: ~87 MB
     block = variants["int8_block"]
     assert block["cosine_min"] > 0.999 and block["block_size"] == 32  # block-wise scales: far closer than int8
     if block["passed"]:

@@ -174,6 +174,22 @@ def test_deploy_check_without_export_is_a_clean_error(repo_root, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_the_exports_torch_bf16_variant_is_served_from_its_folder(exported, repo_root, minilm):
+    """`serve --variant torch_bf16` (what `auto` serves when the export measured it fastest): the export's own torch
+    copy, its name and prompts, under bf16 autocast."""
+    from conftest import stage_env
+
+    args = ["--params", str(exported / "params.yaml"), "--variant", "torch_bf16"]
+    with ServerProcess(args, cwd=str(repo_root), env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
+        client = openai.OpenAI(base_url=proc.base_url, api_key=API_KEY, max_retries=0)
+        got = np.array([d.embedding for d in client.embeddings.create(model="test-embed", input=TEXTS).data])
+        queries = np.array([d.embedding for d in client.embeddings.create(
+            model="test-embed", input=TEXTS, extra_body={"input_type": "query"}).data])
+        assert "(torch_bf16 on torch, cpu)" in proc.log_tail()
+    assert (got * encode(minilm, TEXTS, PASSAGE_PROMPT)).sum(axis=1).min() > 0.999
+    assert (queries * encode(minilm, TEXTS, QUERY_PROMPT)).sum(axis=1).min() > 0.999
+
+
 def test_torch_backend_under_bf16_autocast_serves_vectors_close_to_fp32(exported, repo_root, minilm):
     """`--backend torch --torch-dtype bfloat16` (the fast path on CPUs with AVX-512 BF16/AMX): same API, the
     vectors within bf16 rounding of the fp32 model's, still unit length. `--max-batch-tokens 40` really bounds
