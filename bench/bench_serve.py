@@ -249,9 +249,9 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
         runs["torch_bf16"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model,
                                "--torch-dtype", "bfloat16"], bf16.encode)
     runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model], lambda t: encode(st, t))
+    tokens = ["--max-batch-tokens", str(batch_tokens)] if batch_tokens else []
     for name, (args, in_process) in runs.items():
         in_process(texts[:8])
-        tokens = ["--max-batch-tokens", str(batch_tokens)] if batch_tokens else []
         with ServerProcess([*args, *tokens, "--model-name", "bench"], cwd=str(ROOT), env=env) as server:
             drive_server(server.base_url, texts[:8], 2)  # warm-up
             for c in levels:

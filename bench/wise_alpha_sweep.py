@@ -25,12 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from embedpipe.io import read_json  # noqa: E402
 from embedpipe.models import resolve_model  # noqa: E402
-
-
-def reweighted(saved: dict, base: dict, ratio: float) -> dict:
-    """base + ratio * (saved - base) for floating tensors; integer buffers (position ids) as saved."""
-    return {k: base[k].to(v.dtype) + ratio * (v - base[k].to(v.dtype)) if v.is_floating_point() else v
-            for k, v in saved.items()}
+from embedpipe.training import interpolate_state  # noqa: E402
 
 
 @click.command()
@@ -56,7 +51,8 @@ def main(workdir: str, beir: str, alphas: str, base_model: str, out_path: str | 
             with tempfile.TemporaryDirectory(prefix="wise-sweep-") as tmp:
                 model_dir = Path(tmp) / "model"
                 shutil.copytree(seed_dir / "model", model_dir)
-                save_file(reweighted(saved, base, alpha / saved_alpha), str(model_dir / "model.safetensors"),
+                # torch.lerp(base, saved, r) = base + r * (saved - base); r > 1 extrapolates towards the tuned model
+                save_file(interpolate_state(base, saved, alpha / saved_alpha), str(model_dir / "model.safetensors"),
                           metadata={"format": "pt"})
                 subprocess.run([sys.executable, "stages/eval.py", "--params", str(params), "--beir-dir", beir,
                                 "--models-only", "finetuned", "--finetuned", str(model_dir), "--out-dir",

@@ -243,9 +243,11 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         else:
             warn(f"{TORCH_VARIANT} failed its parity check (see metrics): not saved")
         report[TORCH_VARIANT] = entry
+    elif bf16 == "auto":
+        report[TORCH_VARIANT] = {"skipped": "this CPU has no native bfloat16 (AVX-512 BF16 / AMX); "
+                                            "export.torch_bf16: true checks it anyway"}
     else:
-        report[TORCH_VARIANT] = {"skipped": "this CPU has no native bfloat16 (AVX-512 BF16 / AMX); export.torch_bf16: "
-                                            "true checks it anyway" if bf16 == "auto" else "export.torch_bf16: false"}
+        report[TORCH_VARIANT] = {"skipped": "export.torch_bf16: false"}
     if report.get("tensorrt", {}).get("passed") and shutil.which("trtexec"):
         plan = build_trt_plan(out / VARIANTS["fp32"], out / "model.plan", names, int(cfg["tensorrt"]["max_batch"]),
                               model.max_seq_length, bool(cfg["tensorrt"]["fp16"]), bool(cfg["tensorrt"]["fp8"]))
