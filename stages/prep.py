@@ -118,7 +118,7 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
     search_s = time.time() - t0
     examples = unroll(mined_qs, train_ids, mined)
     try:  # teacher scores + false-negative filter (no-op unless prep.teacher.enabled)
-        examples, teacher_metrics = teacher_rescore(examples, corpus, cfg.get("teacher"), k)
+        examples, teacher_metrics = teacher_rescore(examples, corpus, cfg.get("teacher"), k, int(cfg.get("seed", 42)))
     except ModelNotAvailable as e:
         raise click.ClickException(f"prep.teacher: {e}") from None
     n_train_q = len(split.train)

@@ -148,6 +148,11 @@ def test_real_model_fingerprint_and_vectors(tmp_path, minilm):
     assert embed_store.model_fingerprint(minilm) == fp
     manifest = json.loads(next(tmp_path.glob("*/*.json")).read_text())
     assert manifest["dim"] == 384 and manifest["model"] == "all-MiniLM-L6-v2"
+    # bf16 autocast vectors live under their own fingerprint: never served for fp32 requests, nor the reverse.
+    bf16 = encode_cached(minilm, texts, "", root=tmp_path, bf16=True)
+    assert read_encode_log(tmp_path)[-1]["encoded"] == 2 and len(list(tmp_path.glob("*-L*"))) == 2
+    assert float((bf16 * vecs).sum(1).min()) > 0.999
+    np.testing.assert_array_equal(encode_cached(minilm, texts, "", root=tmp_path), vecs)
 
 
 def test_line_progress_prints_rate_and_eta():

@@ -109,11 +109,32 @@ def test_false_negatives_dropped_survivors_labelled_and_cut_to_k():
     assert out[0]["neg_doc"] == [{"id": "c", "score": 0.5, "teacher_score": 0.3}, {"id": "d", "score": 0.4, "teacher_score": 0.2}]
     assert out[1]["neg_doc"] == records[1]["neg_doc"][:2] and "teacher_score" not in out[1]["pos_doc"][0]  # unscored
     assert len(records[0]["neg_doc"]) == 4 and "teacher_score" not in records[0]["pos_doc"][0]  # input untouched
-    assert _select(records, cap=7) == ([0], ["p", "a", "b", "c", "d"])  # the second record would need 4 more
-    assert _select(records, cap=0)[0] == [0, 1]
+    texts = [(r["pos_doc"][0]["id"], [n["id"] for n in r["neg_doc"]]) for r in records]
+    assert _select(texts, [0, 1], cap=7) == ([0], ["p", "a", "b", "c", "d"])  # the second record would need 4 more
+    assert _select(texts, [1, 0], cap=7) == ([1], ["p2", "e", "f", "g"])  # the order decides who fits
+    assert _select(texts, [0, 1], cap=0)[0] == [0, 1]
     assert mining_depth(5, {"enabled": True, "extra_candidates": 3}) == 8 and mining_depth(5, None) == 5
     with pytest.raises(ValueError, match="unknown prep.teacher key"):
         mining_depth(5, {"enabeld": True})
+
+
+def test_the_teacher_scores_what_the_student_sees_llm_questions_first():
+    from embedpipe.distillation import record_texts, scoring_order, use_bf16
+
+    corpus = {"p": {"_id": "p", "title": "", "text": "Sessions expire. They use cookies."},
+              "n": {"_id": "n", "title": "", "text": "Forms validate input."}}
+    ict = {"question": "Sessions expire.", "query_type": "inverse_cloze",
+           "pos_doc": [{"id": "p", "text": "They use cookies."}], "neg_doc": [{"id": "n"}]}
+    llm = {"question": "How do sessions expire?", "query_type": "contextual", "pos_doc": [{"id": "p"}], "neg_doc": []}
+    # inverse cloze: the positive without its sentence (scoring the full passage would reward the copied sentence)
+    assert record_texts(ict, corpus) == ("They use cookies.", ["Forms validate input."])
+    assert record_texts(llm, corpus) == ("Sessions expire. They use cookies.", [])
+    records = [ict, ict, llm, ict, llm]
+    order = scoring_order(records, seed=3)
+    assert order[:2] == [2, 4] and sorted(order) == [0, 1, 2, 3, 4] and order == scoring_order(records, seed=3)
+    assert use_bf16(False, "cpu") is False and use_bf16(True, "cuda") is True and use_bf16("auto", "cuda") is False
+    with pytest.raises(ValueError, match="prep.teacher.bf16"):
+        use_bf16("yes", "cpu")
 
 
 def test_prep_with_the_teacher_then_a_distillation_step(assembled, tmp_path, tiny_corpus_path, repo_root):
