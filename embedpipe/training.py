@@ -86,6 +86,12 @@ def oversample_llm_questions(records: Sequence[dict[str, Any]], share: float) ->
     return list(records) + llm * (repeats - 1), repeats
 
 
+def teacher_scored(records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The records prep's teacher labelled (their positive has a `teacher_score`), and how many it did not."""
+    kept = [r for r in records if (r.get("pos_doc") or [{}])[0].get("teacher_score") is not None]
+    return kept, len(records) - len(kept)
+
+
 def build_training_table(
     records: Sequence[dict[str, Any]],
     corpus: dict[str, dict[str, Any]],

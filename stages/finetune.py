@@ -34,6 +34,7 @@ from embedpipe.training import (
     plan_training,
     regression_note,
     run_outputs,
+    teacher_scored,
     train,
     validation_set,
     world_size,
@@ -114,12 +115,13 @@ def main(
     teacher_labels = needs_teacher(cfg)
     try:
         corpus = load_corpus(prep / "train_corpus.jsonl")
-        train_records, llm_repeats = oversample_llm_questions(
-            read_jsonl(prep / "train.jsonl"), float(cfg.get("llm_share") or 0)
-        )
+        train_records, unscored = read_jsonl(prep / "train.jsonl"), 0
+        if teacher_labels:  # before oversampling, so llm_share is a share of the examples actually trained on
+            train_records, unscored = teacher_scored(train_records)
+        train_records, llm_repeats = oversample_llm_questions(train_records, float(cfg.get("llm_share") or 0))
         val_records = read_jsonl(prep / "val.jsonl")
         table = build_training_table(train_records, corpus, int(cfg["passages_per_query"]), teacher_labels)
-        table.llm_repeats = llm_repeats
+        table.llm_repeats, table.no_teacher_scores = llm_repeats, table.no_teacher_scores + unscored
         val = validation_set(val_records, corpus, int(cfg.get("val_max_passages") or 0), int(cfg["seed"]),
                              int(cfg.get("val_min_llm_questions") or 0))
     except (FormatError, KeyError, ValueError) as e:

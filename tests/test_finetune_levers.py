@@ -25,6 +25,7 @@ from embedpipe.training import (
     make_evaluator,
     make_loss,
     oversample_llm_questions,
+    teacher_scored,
     validation_set,
 )
 
@@ -249,6 +250,10 @@ def test_llm_questions_are_repeated_up_to_their_share(prep, tiny_corpus_path):
     assert oversample_llm_questions(llm + ict, 0.0) == (llm + ict, 1)
     assert oversample_llm_questions(llm + ict, 0.2) == (llm + ict, 1)  # already 20 %
     assert oversample_llm_questions(ict, 0.5) == (ict, 1)  # nothing to repeat
+    # with a distillation loss, only teacher-labelled records count (prep's teacher cap leaves the rest unlabelled)
+    labelled = [{**r, "pos_doc": [{"id": "p", "teacher_score": 0.5}]} for r in llm + ict[:4]]
+    kept, unscored = teacher_scored(labelled + [{**r, "pos_doc": [{"id": "p"}]} for r in ict[4:]])
+    assert kept == labelled and unscored == 4
     corpus = load_corpus(prep / "train_corpus.jsonl")
     train = read_jsonl(prep / "train.jsonl")
     for r in train[1:]:
