@@ -46,13 +46,15 @@ def main(workdir: str, beir: str, alphas: str, base_model: str, out_path: str | 
             click.echo(f"{seed_dir.name}: saved alpha {saved_alpha} (the base model): nothing to reweight", err=True)
             continue
         saved = load_file(str(seed_dir / "model" / "model.safetensors"))
+        # the packaged base file also holds buffers a saved model leaves out (embeddings.position_ids)
+        base_weights = {name: tensor for name, tensor in base.items() if name in saved}
         params = work / "params" / f"{seed_dir.name}.yaml"
         for alpha in wanted:
             with tempfile.TemporaryDirectory(prefix="wise-sweep-") as tmp:
                 model_dir = Path(tmp) / "model"
                 shutil.copytree(seed_dir / "model", model_dir)
                 # torch.lerp(base, saved, r) = base + r * (saved - base); r > 1 extrapolates towards the tuned model
-                save_file(interpolate_state(base, saved, alpha / saved_alpha), str(model_dir / "model.safetensors"),
+                save_file(interpolate_state(base_weights, saved, alpha / saved_alpha), str(model_dir / "model.safetensors"),
                           metadata={"format": "pt"})
                 subprocess.run([sys.executable, "stages/eval.py", "--params", str(params), "--beir-dir", beir,
                                 "--models-only", "finetuned", "--finetuned", str(model_dir), "--out-dir",
