@@ -116,6 +116,23 @@ def test_bench_end_to_end_on_a_tiny_pair(tmp_path: Path, tiny_docs_dir: Path, ti
     step_times = [t for t in result["stage_times_s"].values() for t in (t if isinstance(t, list) else [t])]
     assert rerun["wall_time_s"] >= sum(step_times) - 0.5
 
+    # The WiSE-FT alpha sweep reweights the kept seed exactly: its saved alpha gives back the bench's own score.
+    sweep_out = tmp_path / "sweep.json"
+    sweep = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "wise_alpha_sweep.py"), "--workdir", str(work),
+         "--beir", str(bench / "beir"), "--alphas", "0.5,1.0", "--out", str(sweep_out)],
+        cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    swept = json.loads(sweep_out.read_text())
+    assert swept["base_ndcg@10"] == pytest.approx(base, abs=1e-4)
+    row = result["per_seed"][0]
+    if row["saved_model"] == "interpolated":
+        assert set(swept["ndcg@10"]["seed0"]) == {"0.5", "1"}
+        assert swept["ndcg@10"]["seed0"]["0.5"] == pytest.approx(row["finetuned_ndcg@10"], abs=1e-4)
+    else:  # the regression guard kept the base model: nothing to reweight, and the sweep says so
+        assert swept["ndcg@10"] == {} and "nothing to reweight" in sweep.stderr
+
 
 def test_bad_inputs_fail_with_a_clear_message(tmp_path: Path, tiny_docs_dir: Path, tiny_corpus_path: Path):
     missing = run_bench(["--bench", str(tmp_path / "nope")], tmp_path)
