@@ -123,7 +123,7 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
               help="--compare-variants: which variants (fp32 always; torch_bf16 = torch under bf16 autocast).")
 @click.option("--tolerance", default=0.01, show_default=True, help="Largest metric drift @5+ allowed.")
 @click.option("--max-batch-tokens", "batch_tokens", type=int, default=None,
-              help="--compare-variants: every server's tokens per model call (default: params.yaml serve).")
+              help="--compare-variants / --abuse: the server's tokens per model call (default: params.yaml serve).")
 @click.option("--out", "out_path", default="bench/results/serve.json", show_default=True,
               help="--compare-variants: result JSON.")
 @click.option("--infinity", "infinity_bin", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -136,7 +136,8 @@ def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bo
     st = load_model(model, device="cpu")
     if abuse:
         with tempfile.TemporaryDirectory(prefix="bench-serve-abuse-") as tmp:
-            abuse_scenario(st, Path(tmp), load_texts(n_requests), abuse_concurrency, huge_inputs, huge_chars)
+            abuse_scenario(st, Path(tmp), load_texts(n_requests), abuse_concurrency, huge_inputs, huge_chars,
+                           batch_tokens)
         return
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if compare_variants:
@@ -347,7 +348,8 @@ def run(model: str, st, tmp: Path, texts: list[str], levels: list[int], chosen: 
                       f"{'met' if overhead <= 0.20 else 'NOT met'})")
 
 
-def abuse_scenario(st, tmp: Path, texts: list[str], concurrency: int, huge_inputs: int, huge_chars: int) -> None:
+def abuse_scenario(st, tmp: Path, texts: list[str], concurrency: int, huge_inputs: int, huge_chars: int,
+                   batch_tokens: int | None = None) -> None:
     """Normal traffic alone, then with one huge request in flight; p99 of the normal requests in both."""
     import threading
 
@@ -356,7 +358,8 @@ def abuse_scenario(st, tmp: Path, texts: list[str], concurrency: int, huge_input
     words = ("pump pressure valve firmware threshold " * (huge_chars // 40 + 1))[:huge_chars]
     huge = {"input": [words] * huge_inputs, "model": "bench", "encoding_format": "base64"}
     result: dict[str, float | int] = {}
-    with ServerProcess(["--model-dir", str(tmp), "--variant", "fp32", "--model-name", "bench"], cwd=str(ROOT),
+    tokens = ["--max-batch-tokens", str(batch_tokens)] if batch_tokens else []
+    with ServerProcess(["--model-dir", str(tmp), "--variant", "fp32", "--model-name", "bench", *tokens], cwd=str(ROOT),
                        env=env) as server:
         drive_server(server.base_url, texts[:8], 2)  # warm-up
         _, alone = drive_server(server.base_url, texts, concurrency)
@@ -373,7 +376,7 @@ def abuse_scenario(st, tmp: Path, texts: list[str], concurrency: int, huge_input
         overlapped = thread.is_alive()
         thread.join()
     table = Table(title=f"bench_serve --abuse: {len(texts)} single-passage requests at concurrency {concurrency}, "
-                        f"huge request {huge_inputs} x {huge_chars} chars")
+                        f"huge request {huge_inputs} x {huge_chars} chars, max_batch_tokens {batch_tokens or 'default'}")
     for col in ("normal traffic", "p50 ms", "p99 ms", "max ms"):
         table.add_column(col, justify="left" if col == "normal traffic" else "right")
     for name, lat in (("alone", alone), ("with the huge request", loaded)):
