@@ -50,7 +50,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     exit code is 1 if any accepted request had to be answered 503 instead.
     """
     from embedpipe.onnx_encoder import ExportNotFound, TorchEncoder, open_encoder, read_export_config
-    from embedpipe.server import ServerSettings, create_app, run_server
+    from embedpipe.server import ServerSettings, batch_tokens_for, create_app, run_server
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")
@@ -81,6 +81,10 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     except (ExportNotFound, RuntimeError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
+    try:
+        batch_tokens = max_batch_tokens or batch_tokens_for(cfg["max_batch_tokens"], encoder.variant, str(encoder.device))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     api_key = None
     if cfg.get("api_key_env"):
         api_key = os.environ.get(cfg["api_key_env"])
@@ -90,7 +94,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     settings = ServerSettings(
         model_name=model_name or cfg.get("model_name") or encoder.name,
         max_batch_size=max_batch_size or cfg["max_batch_size"],
-        max_batch_tokens=max_batch_tokens or cfg["max_batch_tokens"],
+        max_batch_tokens=batch_tokens,
         max_wait_ms=cfg["max_wait_ms"] if max_wait_ms is None else max_wait_ms,
         max_inputs_per_request=cfg["max_inputs_per_request"],
         max_tokens_per_input=cfg["max_tokens_per_input"],
@@ -111,7 +115,8 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
     runtime = "torch" if isinstance(encoder, TorchEncoder) else "onnxruntime"
-    console.print(f"serving '{settings.model_name}' ({encoder.variant} on {runtime}, {encoder.device}) on "
+    console.print(f"serving '{settings.model_name}' ({encoder.variant} on {runtime}, {encoder.device}, "
+                  f"{settings.max_batch_tokens} tokens per model call) on "
                   f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
     sys.exit(run_server(create_app(encoder, settings), settings, host, port, log_level))
 
