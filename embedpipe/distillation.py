@@ -12,8 +12,9 @@ Cost: the teacher is ~4-5x slower than MiniLM on a CPU, so its work is bounded: 
 most `max_passages` distinct passage texts are scored (LLM-written questions first, then a seeded sample of
 the rest; records past the cap keep their base-mined negatives and no teacher score; the metrics say how
 many). On CPUs with AVX-512 BF16 / AMX the teacher runs under bf16 autocast (`bf16: auto`). The positive is
-scored as the student sees it (an inverse-cloze positive without its query sentence). Every text goes through the embedding store, so a passage is
-encoded once by the teacher however many questions share it, and never again in a later run.
+scored as the student sees it (an inverse-cloze positive without its query sentence). Every text goes through
+the embedding store, so a passage is encoded once by the teacher however many questions share it, and never
+again in a later run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.io import passage_text
+from embedpipe.io import is_llm_written, passage_text
 
 DEFAULTS: dict[str, Any] = {
     "enabled": False,
@@ -61,8 +62,8 @@ def scoring_order(records: Sequence[dict[str, Any]], seed: int) -> list[int]:
     """The order records are offered to the teacher: LLM-written questions first (few, and the ones
     `finetune.llm_share` repeats), then the rest in a seeded shuffle, so a capped teacher labels a sample of the
     whole corpus rather than its first documents."""
-    llm = [i for i, r in enumerate(records) if r.get("query_type") != "inverse_cloze"]
-    rest = [i for i, r in enumerate(records) if r.get("query_type") == "inverse_cloze"]
+    llm = [i for i, r in enumerate(records) if is_llm_written(r)]
+    rest = [i for i, r in enumerate(records) if not is_llm_written(r)]
     random.Random(seed).shuffle(rest)
     return llm + rest
 
@@ -166,7 +167,7 @@ def teacher_rescore(
         "max_seq_length": int(t["max_seq_length"]),
         "bf16": bf16,
         "records_scored": len(chosen),
-        "llm_records_scored": sum(records[i].get("query_type") != "inverse_cloze" for i in chosen),
+        "llm_records_scored": sum(is_llm_written(records[i]) for i in chosen),
         "records_not_scored": len(records) - len(chosen),
         "passages_scored": len(passages),
         "max_passages": int(t["max_passages"] or 0),

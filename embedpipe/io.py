@@ -105,6 +105,11 @@ def load_corpus(path: str | Path) -> dict[str, dict[str, Any]]:
     return corpus
 
 
+def is_llm_written(record: dict[str, Any]) -> bool:
+    """A question record an LLM wrote (anything but an inverse-cloze sentence): the human-like ones."""
+    return record.get("query_type") != "inverse_cloze"
+
+
 def passage_text(record: dict[str, Any]) -> str:
     """The text a model sees for a passage: title and body, as BEIR does."""
     title = (record.get("title") or "").strip()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embedpipe.io import FormatError, passage_text
+from embedpipe.io import FormatError, is_llm_written, passage_text
 
 METRIC = "val_cosine_ndcg@10"  # the evaluator's primary metric (name "val", cosine, nDCG@10)
 
@@ -63,10 +63,6 @@ def pick_negative_records(
     if not ranked:
         return []
     return [ranked[i % len(ranked)] for i in range(k)]
-
-
-def is_llm_written(record: dict[str, Any]) -> bool:
-    return record.get("query_type") != "inverse_cloze"
 
 
 def oversample_llm_questions(records: Sequence[dict[str, Any]], share: float) -> tuple[list[dict[str, Any]], int]:
