@@ -118,20 +118,30 @@ QA_SCHEMA = {
     },
     "required": ["question", "answer", "reasoning_type", "question_complexity", "hop_summaries"],
 }
+# The same pair with nothing but what training and the judge use, lengths capped: a small local model writes
+# ~7 tokens/s on 2 CPU cores, and the full schema's labels and hop summaries cost it 2-3x the tokens.
+COMPACT_QA_SCHEMA = {
+    "type": "object",
+    "properties": {"question": {"type": "string", "maxLength": 200}, "answer": {"type": "string", "maxLength": 200}},
+    "required": ["question", "answer"],
+}
 
 
-def chat_messages(passages: list[str], query_type: str, reasoning_type: str, complexity: int) -> list[dict]:
+def chat_messages(passages: list[str], query_type: str, reasoning_type: str, complexity: int,
+                  compact: bool = False) -> list[dict]:
+    """The generation request; `compact` asks for COMPACT_QA_SCHEMA (question and a one-sentence answer)."""
     ctx = "\n\n".join(f"Passage {i + 1}:\n{p}" for i, p in enumerate(passages))
     need = "that needs ALL passages together to answer" if len(passages) > 1 else "about this passage"
     style = {
         "structural": "about where something is or how the document is organised (sections, steps, tables)",
         "multi_hop": "that connects facts across the passages",
     }.get(query_type, "about a specific fact or explanation in the text")
-    user = (
-        f"{ctx}\n\nWrite one {reasoning_type} question {need}, {style}, of complexity {complexity} on a 2-5 scale. "
-        f"hop_summaries: one short sentence per passage saying what it contributes. JSON keys: question, answer, "
-        f"reasoning_type, question_complexity, hop_summaries."
-    )
+    task = f"{ctx}\n\nWrite one {reasoning_type} question {need}, {style}, of complexity {complexity} on a 2-5 scale. "
+    if compact:
+        user = task + "Name what it is about instead of saying 'this'. JSON keys: question, answer (one short sentence)."
+    else:
+        user = task + ("hop_summaries: one short sentence per passage saying what it contributes. JSON keys: question, "
+                       "answer, reasoning_type, question_complexity, hop_summaries.")
     return [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": user}]
 
 

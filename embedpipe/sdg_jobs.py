@@ -83,13 +83,14 @@ def plan_jobs(corpus: dict[str, dict], cfg: dict[str, Any]) -> list[dict[str, An
     return jobs
 
 
-def generate(client: LLMClient, corpus: dict[str, dict], job: dict[str, Any]) -> Result:
-    """One question-answer pair for a job (chat: JSON schema; completions: few-shot continuation)."""
+def generate(client: LLMClient, corpus: dict[str, dict], job: dict[str, Any], compact: bool = False) -> Result:
+    """One question-answer pair for a job (chat: JSON schema, `compact` or full; completions: few-shot continuation)."""
     texts = [passage_text(corpus[i]) for i in job["segment_ids"]]
     if client.cfg.api == "chat":
         req = client.build(
-            messages=sdg.chat_messages(texts, job["query_type"], job["reasoning_type"], job["question_complexity"]),
-            response_format=sdg.chat_response_format("qa_pair", sdg.QA_SCHEMA),
+            messages=sdg.chat_messages(texts, job["query_type"], job["reasoning_type"], job["question_complexity"],
+                                       compact=compact),
+            response_format=sdg.chat_response_format("qa_pair", sdg.COMPACT_QA_SCHEMA if compact else sdg.QA_SCHEMA),
             seed=job["seed"],
         )
         return client.ask(req, sdg.parse_chat_qa)

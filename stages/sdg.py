@@ -109,11 +109,15 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                 server_gone=server.exit_reason if server is not None else None,
             )
             client.set_time_budget(float(llm_cfg.get("time_budget_s") or 0))
+            schema = str(llm_cfg.get("schema", "auto"))
+            if schema not in ("auto", "full", "compact"):
+                raise click.ClickException(f"sdg.llm.schema must be auto, full or compact, got {schema!r}")
+            compact = server is not None if schema == "auto" else schema == "compact"
             # 1. generation (jobs are in spread order: a budget cut keeps a spread over the corpus)
             results: dict[int, Result] = {}
             n_ok = 0
             with progress(len(jobs), "sdg generate", unit="req") as bar:
-                for i, res in client.map(lambda j: generate(client, corpus, j), jobs, progress=bar):
+                for i, res in client.map(lambda j: generate(client, corpus, j, compact), jobs, progress=bar):
                     results[i] = res
                     n_ok += res.ok
                     if not res.ok and res.error == BUDGET_SPENT:

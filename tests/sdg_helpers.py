@@ -43,6 +43,7 @@ class FakeLLM:
         self.lock = threading.Lock()
         self.received = 0  # every HTTP request, faulty or not
         self.served: list[str] = []  # hashes of requests answered successfully
+        self.bodies: list[dict[str, Any]] = []  # every parsed request body, in arrival order
         self.server: ThreadingHTTPServer | None = None
 
     def __enter__(self) -> str:
@@ -59,6 +60,7 @@ class FakeLLM:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
                     fake.received += 1
+                    fake.bodies.append(body)
                     fault = fake.faults.pop(0) if fake.faults else None
                 if fake.delay:
                     time.sleep(fake.delay)

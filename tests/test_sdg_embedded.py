@@ -80,6 +80,7 @@ def test_embedded_qwen_answers_the_json_schema_chat_path(tmp_path):
     from embedpipe import sdg
     from embedpipe.llm import LLMClient, LLMConfig, RequestCache
     from embedpipe.llm_server import EmbeddedServer, model_file
+    from embedpipe.sdg_jobs import generate
 
     passage = ("Kettle > Descaling\nDescale the K1 kettle every 8 weeks in hard-water areas with a 1:3 mix of white "
                "vinegar and water, then boil clean water twice.")
@@ -89,5 +90,10 @@ def test_embedded_qwen_answers_the_json_schema_chat_path(tmp_path):
         req = client.build(messages=sdg.chat_messages([passage], "contextual", "factual", 3),
                            response_format=sdg.chat_response_format("qa_pair", sdg.QA_SCHEMA), seed=1)
         res = client.ask(req, sdg.parse_chat_qa)
+        compact = generate(client, {"p": {"_id": "p", "text": passage}},
+                           {"segment_ids": ["p"], "query_type": "contextual", "reasoning_type": "factual",
+                            "question_complexity": 3, "seed": 1}, compact=True)  # what sdg.llm.schema auto sends it
     assert res.ok, res.error
     assert res.value["question"].endswith("?") and res.value["answer"]
+    assert compact.ok, compact.error
+    assert compact.value["question"].endswith("?") and len(compact.value["answer"]) <= 200

@@ -12,7 +12,7 @@ from embedpipe import sdg
 from embedpipe.io import read_jsonl
 from embedpipe.llm_server import ServerError, SplitGGUF, assemble_split
 from embedpipe.mining import Mined, unroll
-from embedpipe.sdg_jobs import inverse_cloze_records, plan_jobs, spread_order
+from embedpipe.sdg_jobs import generate, inverse_cloze_records, plan_jobs, spread_order, to_record
 from embedpipe.text import is_code_line, query_sentences, remove_span, sentences
 from embedpipe.training import build_training_table
 from tests.sdg_helpers import FakeLLM
@@ -252,3 +252,25 @@ def test_chat_json_schema_is_sent_in_llama_cpp_dialect_to_llama_cpp_servers(tmp_
     assert llama.build(messages=[], response_format=fmt)["response_format"] == {"type": "json_object",
                                                                                 "schema": sdg.QA_SCHEMA}
     assert openai_like.build(messages=[], response_format=fmt)["response_format"] == fmt
+
+
+def test_compact_schema_asks_a_small_local_model_for_question_and_answer_only(tmp_path):
+    """sdg.llm.schema compact (auto for the embedded server): 2-3x fewer tokens for a model writing ~7 tokens/s."""
+    from embedpipe.llm import LLMClient, LLMConfig, RequestCache
+
+    corpus = {"p1": {"_id": "p1", "title": "Kettle > Descaling", "text": "Descale the K1 kettle every 8 weeks."}}
+    job = {"segment_ids": ["p1"], "query_type": "contextual", "reasoning_type": "causal", "question_complexity": 3,
+           "seed": 1}
+    fake = FakeLLM()
+    with fake as url:
+        client = LLMClient(LLMConfig(base_url=url, model="m", api="chat", grammar=True),
+                           RequestCache(tmp_path / "c.sqlite"))
+        full, compact = generate(client, corpus, job), generate(client, corpus, job, compact=True)
+    assert full.ok and compact.ok
+    assert [b["response_format"]["schema"] for b in fake.bodies] == [sdg.QA_SCHEMA, sdg.COMPACT_QA_SCHEMA]
+    assert sdg.COMPACT_QA_SCHEMA["required"] == ["question", "answer"]
+    assert "hop_summaries" in fake.bodies[0]["messages"][-1]["content"]
+    assert "hop_summaries" not in fake.bodies[1]["messages"][-1]["content"]
+    record = to_record(job, {"question": compact.value["question"], "answer": compact.value["answer"],
+                             "reasoning_type": "", "question_complexity": 0}, corpus, "m")
+    assert (record["reasoning_type"], record["question_complexity"]) == ("causal", 3)  # the job's labels
