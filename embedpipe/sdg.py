@@ -118,6 +118,7 @@ QA_SCHEMA = {
     },
     "required": ["question", "answer", "reasoning_type", "question_complexity", "hop_summaries"],
 }
+SCHEMAS = ("auto", "full", "compact")  # sdg.llm.schema; auto = compact for the embedded server, full for endpoints
 # The same pair with nothing but what training and the judge use, lengths capped: a small local model writes
 # ~7 tokens/s on 2 CPU cores, and the full schema's labels and hop summaries cost it 2-3x the tokens.
 COMPACT_QA_SCHEMA = {

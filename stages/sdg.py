@@ -55,6 +55,9 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         raise click.ClickException(str(e)) from None
     if not corpus:
         raise click.ClickException(f"{corpus_path}: no passages")
+    schema = str(cfg["llm"].get("schema", "auto"))
+    if schema not in sdg.SCHEMAS:  # checked before the corpus encode and the server start, not after
+        raise click.ClickException(f"sdg.llm.schema must be one of {', '.join(sdg.SCHEMAS)}, got {schema!r}")
     try:
         embedder = load_model(mcfg["base_model"], device=mcfg.get("device"), max_seq_length=mcfg.get("max_seq_length"))
     except ModelNotAvailable as e:
@@ -109,9 +112,6 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
                 server_gone=server.exit_reason if server is not None else None,
             )
             client.set_time_budget(float(llm_cfg.get("time_budget_s") or 0))
-            schema = str(llm_cfg.get("schema", "auto"))
-            if schema not in ("auto", "full", "compact"):
-                raise click.ClickException(f"sdg.llm.schema must be auto, full or compact, got {schema!r}")
             compact = server is not None if schema == "auto" else schema == "compact"
             # 1. generation (jobs are in spread order: a budget cut keeps a spread over the corpus)
             results: dict[int, Result] = {}

@@ -179,6 +179,15 @@ def test_missing_key_env_is_a_clear_error(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "SDG_NOPE" in result.output and "Traceback" not in result.output
 
 
+def test_bad_schema_is_a_clear_error_before_any_work(tmp_path):
+    params = fake_params(tmp_path, "http://127.0.0.1:9/v1", **{"llm.schema": "tiny"})
+    args = ["--params", str(params), "--corpus", str(REPO / "tests/data/tiny_corpus.jsonl"),
+            "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json"), "--cache-dir", str(tmp_path / "c")]
+    result = CliRunner().invoke(load_stage().main, args)
+    assert result.exit_code == 1 and "sdg.llm.schema must be one of auto, full, compact" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
 # --- building blocks ---------------------------------------------------------------------------
 def test_parsers():
     assert sdg.parse_completion_qa(" Why is it?\nAnswer: Because.") == {"question": "Why is it?", "answer": "Because."}
