@@ -34,6 +34,7 @@ from embedpipe.training import (
     plan_training,
     regression_note,
     run_outputs,
+    set_attention_dropout,
     teacher_scored,
     train,
     validation_set,
@@ -158,6 +159,7 @@ def main(
 
     try:
         model = load_model(mcfg["base_model"], device=device, max_seq_length=seq)
+        set_attention_dropout(model, cfg.get("attention_dropout"))
         evaluator = make_evaluator(val.queries, val.corpus, val.relevant, prompts)
         result = train(
             model, table, evaluator, cfg, plan, device.split(":")[0], prompts, checkpoint_dir,
