@@ -31,7 +31,7 @@ TINY_QUERIES = {
 FAST = [
     "chunk.target_tokens=48", "chunk.overlap_tokens=0", "chunk.min_tokens=16",
     "sdg.llm.enabled=false", "prep.val_min=3",
-    "finetune.max_steps=2", "finetune.cpu.max_seq_length=64", "finetune.cpu.passages_per_query=2",
+    "finetune.cpu.max_steps=2", "finetune.cpu.max_seq_length=64", "finetune.cpu.passages_per_query=2",
     "model.max_seq_length=64",
 ]  # fmt: skip
 
@@ -71,7 +71,7 @@ def test_bench_end_to_end_on_a_tiny_pair(tmp_path: Path, tiny_docs_dir: Path, ti
     assert result["benchmark"] == "tinybench"
     assert result["seeds"] == [0]
     assert result["queries"] == len(TINY_QUERIES)
-    assert result["params"]["finetune.max_steps"] == 2 and result["params"]["sdg.llm.enabled"] is False
+    assert result["params"]["finetune.cpu.max_steps"] == 2 and result["params"]["sdg.llm.enabled"] is False
     base = result["base"]["ndcg@10"]
     assert 0 < base <= 1
     assert len(result["per_seed"]) == 1

@@ -25,7 +25,9 @@ from embedpipe.training import (
     make_evaluator,
     make_loss,
     oversample_llm_questions,
+    set_attention_dropout,
     teacher_scored,
+    use_bf16,
     validation_set,
 )
 
@@ -222,6 +224,43 @@ def test_bad_params_fail_before_training():
         check_params({**base, "max_minutes": -1})
     with pytest.raises(ValueError, match="llm_share"):
         check_params({**base, "llm_share": 1.0})
+    for bad in (1.0, -0.1, "0", True):
+        with pytest.raises(ValueError, match="attention_dropout"):
+            check_params({**base, "attention_dropout": bad})
+
+
+def test_attention_dropout_off_leaves_the_hidden_dropout_and_really_stops_at_run_time(minilm):
+    """finetune.attention_dropout 0: only the six attention-probability dropouts change; with the hidden dropouts
+    also at 0, a train-mode forward then equals the eval-mode one (before, the attention dropout made them differ)."""
+    model = copy.deepcopy(minilm)
+    before = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert set_attention_dropout(model, None) == 0
+    assert set_attention_dropout(model, 0.0) == 6
+    after = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    changed = {n for n in before if after[n] != before[n]}
+    assert len(changed) == 6 and all(n.endswith("attention.self.dropout") for n in changed)
+    assert all(p == 0.1 for n, p in after.items() if n not in changed)  # hidden dropout kept
+
+    features = model.tokenize(["How do I reset my password?", "Passwords are hashed with PBKDF2 by default."])
+
+    def forward(m, train: bool) -> torch.Tensor:
+        m.train(train)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return m(dict(features))["sentence_embedding"]
+
+    hidden_off = copy.deepcopy(minilm)
+    for n, m in hidden_off.named_modules():
+        if isinstance(m, torch.nn.Dropout) and not n.endswith("attention.self.dropout"):
+            m.p = 0.0
+    assert not torch.allclose(forward(hidden_off, True), forward(hidden_off, False), atol=1e-6)
+    set_attention_dropout(hidden_off, 0.0)
+    torch.testing.assert_close(forward(hidden_off, True), forward(hidden_off, False), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_is_forced_on_cpu_only_by_request():
+    assert use_bf16("cpu", True) and not use_bf16("cpu", "auto") and not use_bf16("cpu", False)
+    assert not use_bf16("mps", "auto")
 
 
 def test_validation_prefers_llm_questions_when_there_are_enough(prep):

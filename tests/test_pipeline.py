@@ -27,7 +27,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "prep": {"val_min": 3},
     # No warmup: the first step really moves the weights, so the fine-tuned model differs from the base one.
     "finetune": {"max_steps": 2, "warmup_ratio": 0.0,
-                 "cpu": {"max_seq_length": 64, "passages_per_query": 2, "epochs": 1}},
+                 "cpu": {"max_seq_length": 64, "passages_per_query": 2, "epochs": 1, "max_steps": 2}},
     "export": {"fp16": False, "min_parity_texts": 10},
 }
 PIPELINE = ["chunk", "sdg", "prep", "finetune", "eval", "export", "deploy_check", "report"]
