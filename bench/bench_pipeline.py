@@ -11,7 +11,7 @@ corpus in <= 10 min.
 
     python bench/bench_pipeline.py --docs /work/django-faq/docs                 # the real run (~1 h on 2 cores)
     python bench/bench_pipeline.py --docs tests/data/tiny_docs -S sdg.llm.enabled=false \\
-        -S finetune.cpu.max_steps=2 --out /tmp/pipeline-smoke.json                   # smoke run
+        -S finetune.cpu.max_steps=2 --out /tmp/pipeline-smoke.json               # smoke run
 
 Encodes the log cannot see (they do not go through the store): ONNX variants in export's parity check,
 the server's own encodes in deploy_check, and any stage not yet wired to the store (listed under
