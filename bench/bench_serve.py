@@ -129,9 +129,13 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--infinity", "infinity_bin", default=None, type=click.Path(exists=True, dir_okay=False),
               help="--compare-variants: the `infinity_emb` executable (bench/setup_infinity.sh installs one) to "
                    "serve the same model under the same traffic, side by side.")
+@click.option("--also-model-in-server-process", "in_server_too", is_flag=True,
+              help="--compare-variants: also serve each variant with the model in the server's own process "
+                   "(`serve --no-model-process`), side by side with the default child process.")
 def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bool, abuse_concurrency: int,
          huge_inputs: int, huge_chars: int, compare_variants: bool, beir_dir: str, max_passages: int, variants: str,
-         tolerance: float, batch_tokens: int | None, out_path: str, infinity_bin: str | None) -> None:
+         tolerance: float, batch_tokens: int | None, out_path: str, infinity_bin: str | None,
+         in_server_too: bool) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     st = load_model(model, device="cpu")
     if abuse:
@@ -142,7 +146,7 @@ def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bo
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if compare_variants:
             compare(model, st, Path(tmp), Path(beir_dir), max_passages, n_requests, levels, tolerance, Path(out_path),
-                    [v.strip() for v in variants.split(",")], infinity_bin, batch_tokens)
+                    [v.strip() for v in variants.split(",")], infinity_bin, batch_tokens, in_server_too)
         else:
             run(model, st, Path(tmp), load_texts(n_requests), levels, [b.strip() for b in backends.split(",")])
 
@@ -198,8 +202,9 @@ def server_key(variant: str) -> str:
 
 def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
             tolerance: float, out_path: Path, chosen: list[str], infinity_bin: str | None = None,
-            batch_tokens: int | None = None) -> None:
-    """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant."""
+            batch_tokens: int | None = None, in_server_too: bool = False) -> None:
+    """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant.
+    `in_server_too`: also serve each with the model in the server's own process (`--no-model-process`)."""
     console = Console()
     logging.getLogger().setLevel(logging.ERROR)
     corpus, queries, qrels = beir_subset(beir_dir, max_passages)
@@ -251,13 +256,17 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
                                "--torch-dtype", "bfloat16"], bf16.encode)
     runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model], lambda t: encode(st, t))
     tokens = ["--max-batch-tokens", str(batch_tokens)] if batch_tokens else []
+    modes = {"server": ["--model-process"]}  # the default: the model in a child process, away from the GIL
+    if in_server_too:
+        modes["server_model_in_server_process"] = ["--no-model-process"]
     for name, (args, in_process) in runs.items():
         in_process(texts[:8])
-        with ServerProcess([*args, *tokens, "--model-name", "bench"], cwd=str(ROOT), env=env) as server:
-            drive_server(server.base_url, texts[:8], 2)  # warm-up
-            for c in levels:
-                seconds, _ = drive_server(server.base_url, texts, c)
-                speed.setdefault(name, {})[f"server_c{c}"] = round(len(texts) / seconds, 1)
+        for mode, flags in modes.items():
+            with ServerProcess([*args, *tokens, *flags, "--model-name", "bench"], cwd=str(ROOT), env=env) as server:
+                drive_server(server.base_url, texts[:8], 2)  # warm-up
+                for c in levels:
+                    seconds, _ = drive_server(server.base_url, texts, c)
+                    speed.setdefault(name, {})[f"{mode}_c{c}"] = round(len(texts) / seconds, 1)
         for c in levels:
             seconds, _ = drive_in_process(in_process, texts, c)
             speed[name][f"in_process_c{c}"] = round(len(texts) / seconds, 1)
@@ -274,6 +283,9 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
             s = speed[server_key(v)]
             variants[v]["throughput_ratio_vs_torch_c8"] = round(s[f"server_c{c}"] / speed["torch"][f"server_c{c}"], 2)
             variants[v]["http_overhead_pct"] = round(100 * (1 - s[f"server_c{c}"] / s[f"in_process_c{c}"]), 1)
+            if in_server_too:
+                variants[v]["http_overhead_pct_model_in_server_process"] = round(
+                    100 * (1 - s[f"server_model_in_server_process_c{c}"] / s[f"in_process_c{c}"]), 1)
     passed = [v for v in variants if variants[v]["passed"]]
     best = max(passed, key=lambda v: variants[v]["throughput_ratio_vs_torch_c8"])
     result = {"variant": best, "metric_drift": variants[best]["metric_drift"],
@@ -281,7 +293,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
               "http_overhead_pct": variants[best]["http_overhead_pct"], "tolerance": tolerance,
               "concurrency": c, "model": model, "test_set": {"beir_dir": str(beir_dir), "passages": len(passages),
                                                               "queries": len(qtexts)},
-              "requests_per_cell": n_requests, "max_batch_tokens": batch_tokens,
+              "requests_per_cell": n_requests, "max_batch_tokens": batch_tokens, "model_process": True,
               "command": " ".join(["python", *sys.argv]), "variants": variants,
               "inputs_per_s": speed,
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),

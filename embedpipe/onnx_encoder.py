@@ -10,6 +10,7 @@ swap backends.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,42 @@ def open_encoder(folder: str | Path, variant: str = "auto", device: str = "cpu",
                        max_seq_length=int(config["max_seq_length"]))
     return TorchEncoder(model, config.get("name", folder.name), config.get("query_prompt", ""),
                         config.get("passage_prompt", ""), bf16=True)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What the server serves, as plain values: `build_encoder` turns it into an encoder in any process (the server's
+    model process rebuilds the same encoder from it)."""
+
+    backend: str                 # onnx | torch
+    folder: str                  # the exported folder (onnx: the graphs; torch: its name and prompts, if present)
+    variant: str = "auto"        # onnx backend: auto | fp32 | fp32_opt | int8 | int8_block | fp16 | torch_bf16
+    device: str = "cpu"          # onnx: cpu | cuda | tensorrt; torch: cpu | cuda | auto
+    threads: int = 0             # onnxruntime intra-op threads (0 = all cores)
+    torch_model: str = ""        # torch backend: model folder or name
+    max_seq_length: int | None = None
+    query_prompt: str = ""       # torch backend: used when the model saved no prompts of its own
+    passage_prompt: str = ""
+    bf16: bool = False           # torch backend: bfloat16 autocast
+
+
+def build_encoder(spec: EncoderSpec) -> Any:
+    """The encoder `spec` describes (raises ExportNotFound, ModelNotAvailable or ValueError with a fix-it message)."""
+    if spec.backend == "onnx":
+        device = spec.device
+        if device == "auto":
+            import onnxruntime as ort
+
+            device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        return open_encoder(spec.folder, spec.variant, device, threads=spec.threads)
+    from embedpipe.models import load_model
+    from embedpipe.onnx_export import model_prompts
+
+    model = load_model(spec.torch_model, device=spec.device, max_seq_length=spec.max_seq_length)
+    folder = Path(spec.folder)
+    exported = read_export_config(folder) if (folder / CONFIG_FILE).is_file() else {}
+    query, passage = model_prompts(model, spec.query_prompt, spec.passage_prompt)
+    return TorchEncoder(model, exported.get("name", Path(spec.torch_model).name), query, passage, bf16=spec.bf16)
 
 
 def providers_for(device: str) -> list[Any]:

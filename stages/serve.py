@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -40,85 +39,82 @@ from embedpipe.params import load_params, section
 @click.option("--max-batch-tokens", type=int, default=None,
               help="Tokens per model call (overrides serve.max_batch_tokens; bf16 on AMX wants 2048+).")
 @click.option("--max-wait-ms", type=float, default=None, help="Batching wait (overrides serve.max_wait_ms).")
+@click.option("--model-process/--no-model-process", default=None,
+              help="Run the model in a child process, away from the server's GIL (overrides serve.model_process).")
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
 def main(params_path, model_dir, backend, variant, device, torch_model, torch_dtype, model_name, host, port, threads,
-         max_batch_size, max_batch_tokens, max_wait_ms, log_level) -> None:
+         max_batch_size, max_batch_tokens, max_wait_ms, model_process, log_level) -> None:
     """Serve POST /v1/embeddings (OpenAI + NIM fields), /v1/models, /v1/health/{live,ready} and /metrics.
 
     Requests without input_type get serve.default_input_type's prompt; truncate defaults to
     serve.default_truncate. On SIGTERM / Ctrl-C, work in flight gets serve.drain_timeout_s to finish; the
     exit code is 1 if any accepted request had to be answered 503 instead.
     """
-    from embedpipe.onnx_encoder import ExportNotFound, TorchEncoder, open_encoder, read_export_config
+    from embedpipe.model_process import ModelProcessError, ProcessEncoder
+    from embedpipe.models import ModelNotAvailable
+    from embedpipe.onnx_encoder import EncoderSpec, ExportNotFound, TorchEncoder, build_encoder
     from embedpipe.server import ServerSettings, batch_tokens_for, create_app, run_server
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")
     backend = backend or cfg["backend"]
-    device = device or cfg["device"]
-    folder = Path(model_dir or cfg["model_dir"])
-    try:
-        if backend == "onnx":
-            if device == "auto":
-                import onnxruntime as ort
-
-                device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-            encoder = open_encoder(folder, variant or cfg["variant"], device,
-                                   threads=cfg["threads"] if threads is None else threads)
-        else:
-            from embedpipe.models import ModelNotAvailable, load_model
-            from embedpipe.onnx_export import model_prompts
-
-            source = torch_model or cfg["torch_model"]
-            try:
-                model = load_model(source, device=device, max_seq_length=mcfg["max_seq_length"])
-            except ModelNotAvailable as e:
-                raise click.ClickException(str(e)) from None
-            exported = read_export_config(folder) if (folder / "embedpipe.json").is_file() else {}
-            query, passage = model_prompts(model, mcfg.get("query_prompt", ""), mcfg.get("passage_prompt", ""))
-            bf16 = (torch_dtype or cfg.get("torch_dtype", "float32")) == "bfloat16"
-            encoder = TorchEncoder(model, exported.get("name", Path(source).name), query, passage, bf16=bf16)
-    except (ExportNotFound, RuntimeError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-
-    try:
-        batch_tokens = max_batch_tokens or batch_tokens_for(cfg["max_batch_tokens"], encoder.variant, str(encoder.device))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    spec = EncoderSpec(
+        backend=backend, folder=str(model_dir or cfg["model_dir"]), variant=variant or cfg["variant"],
+        device=device or cfg["device"], threads=cfg["threads"] if threads is None else threads,
+        torch_model=torch_model or cfg["torch_model"], max_seq_length=mcfg["max_seq_length"],
+        query_prompt=mcfg.get("query_prompt", ""), passage_prompt=mcfg.get("passage_prompt", ""),
+        bf16=(torch_dtype or cfg.get("torch_dtype", "float32")) == "bfloat16")
     api_key = None
     if cfg.get("api_key_env"):
         api_key = os.environ.get(cfg["api_key_env"])
         if not api_key:
             raise click.ClickException(f"serve.api_key_env is '{cfg['api_key_env']}' but that variable is not set "
                                        "(set it, or set serve.api_key_env to '' for no key)")
-    settings = ServerSettings(
-        model_name=model_name or cfg.get("model_name") or encoder.name,
-        max_batch_size=max_batch_size or cfg["max_batch_size"],
-        max_batch_tokens=batch_tokens,
-        max_wait_ms=cfg["max_wait_ms"] if max_wait_ms is None else max_wait_ms,
-        max_inputs_per_request=cfg["max_inputs_per_request"],
-        max_tokens_per_input=cfg["max_tokens_per_input"],
-        max_chars_per_token=cfg["max_chars_per_token"],
-        max_payload_bytes=int(cfg["max_payload_mb"] * 2**20),
-        max_queued_inputs=cfg["max_queued_inputs"],
-        max_concurrent_requests=cfg["max_concurrent_requests"],
-        read_timeout_s=cfg["read_timeout_s"],
-        drain_timeout_s=cfg["drain_timeout_s"],
-        default_input_type=cfg["default_input_type"],
-        default_truncate=cfg["default_truncate"],
-        encode_batch_size=cfg["encode_batch_size"],
-        api_key=api_key,
-        docs_enabled=bool(cfg["docs_enabled"]),
-    )
-    host = host or cfg["host"]
-    port = port or cfg["port"]
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
-    runtime = "torch" if isinstance(encoder, TorchEncoder) else "onnxruntime"
-    console.print(f"serving '{settings.model_name}' ({encoder.variant} on {runtime}, {encoder.device}, "
-                  f"{settings.max_batch_tokens} tokens per model call) on "
-                  f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
-    sys.exit(run_server(create_app(encoder, settings), settings, host, port, log_level))
+    separate = cfg.get("model_process", True) if model_process is None else model_process
+    try:
+        encoder = ProcessEncoder(spec) if separate else build_encoder(spec)
+    except (ExportNotFound, ModelNotAvailable, ModelProcessError, RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+    try:  # from here on, the model process (if any) is stopped however we leave
+        try:
+            batch_tokens = max_batch_tokens or batch_tokens_for(cfg["max_batch_tokens"], encoder.variant, str(encoder.device))
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        settings = ServerSettings(
+            model_name=model_name or cfg.get("model_name") or encoder.name,
+            max_batch_size=max_batch_size or cfg["max_batch_size"],
+            max_batch_tokens=batch_tokens,
+            max_wait_ms=cfg["max_wait_ms"] if max_wait_ms is None else max_wait_ms,
+            max_inputs_per_request=cfg["max_inputs_per_request"],
+            max_tokens_per_input=cfg["max_tokens_per_input"],
+            max_chars_per_token=cfg["max_chars_per_token"],
+            max_payload_bytes=int(cfg["max_payload_mb"] * 2**20),
+            max_queued_inputs=cfg["max_queued_inputs"],
+            max_concurrent_requests=cfg["max_concurrent_requests"],
+            read_timeout_s=cfg["read_timeout_s"],
+            drain_timeout_s=cfg["drain_timeout_s"],
+            default_input_type=cfg["default_input_type"],
+            default_truncate=cfg["default_truncate"],
+            encode_batch_size=cfg["encode_batch_size"],
+            api_key=api_key,
+            docs_enabled=bool(cfg["docs_enabled"]),
+        )
+        host = host or cfg["host"]
+        port = port or cfg["port"]
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
+        local = encoder.local if separate else encoder
+        runtime = "torch" if isinstance(local, TorchEncoder) else "onnxruntime"
+        where = f"model process pid {encoder.pid}" if separate else "model in the server process"
+        console.print(f"serving '{settings.model_name}' ({encoder.variant} on {runtime}, {encoder.device}, "
+                      f"{settings.max_batch_tokens} tokens per model call, {where}) on "
+                      f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
+        code = run_server(create_app(encoder, settings), settings, host, port, log_level)
+    finally:
+        if separate:
+            encoder.close()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -138,10 +142,55 @@ def test_concurrent_requests_are_batched_and_answered_correctly(server, client, 
     assert inputs == 24 and calls < 24 / 2  # several requests shared each model call
 
 
+def model_pid(server) -> int:
+    """The server's model process, from its start-up line (the last one if it was restarted)."""
+    return int(re.findall(r"model process pid (\d+)", server.log_tail(10**6))[-1])
+
+
+def test_model_process_killed_between_requests_is_restarted(server, client, minilm):
+    """serve.model_process (the default): the model runs in a child process. If it dies, the server lives on and
+    the next model run starts a new one."""
+    pid = model_pid(server)
+    os.kill(pid, signal.SIGTERM)  # ignored: the server drains its queue through the child on shutdown
+    time.sleep(0.5)
+    assert Path(f"/proc/{pid}").exists()
+    os.kill(pid, signal.SIGKILL)
+    while Path(f"/proc/{pid}/status").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+        time.sleep(0.05)
+    got = client.embeddings.create(model="test-embed", input=TEXTS)
+    assert server.proc.poll() is None and "model process exited" in server.log_tail()
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), encode(minilm, TEXTS, PASSAGE_PROMPT),
+                               atol=2e-5)
+
+
 def test_sigterm_stops_cleanly(server):
     assert server.proc.poll() is None
+    children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children  # the model process (and multiprocessing's resource tracker)
     assert server.stop(timeout_s=20) == 0, server.log_tail()  # graceful: uvicorn finished, exit code 0
     assert "Traceback" not in server.log_tail()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{c}").exists() for c in children)  # nothing outlives the server
+
+
+def test_process_encoder_equals_its_local_encoder_and_reports_child_errors(exported):
+    from embedpipe.model_process import ModelProcessError, ProcessEncoder
+    from embedpipe.onnx_encoder import EncoderSpec, ExportNotFound
+
+    spec = EncoderSpec(backend="onnx", folder=str(exported / "onnx"), variant="fp32", threads=1)
+    with ProcessEncoder(spec) as encoder:
+        np.testing.assert_allclose(encoder.encode(TEXTS, PASSAGE_PROMPT), encoder.local.encode(TEXTS, PASSAGE_PROMPT),
+                                   atol=1e-6)
+        assert (encoder.variant, encoder.device, encoder.dimension) == ("fp32", "cpu", 384)
+        with pytest.raises(ModelProcessError, match="model run failed in the model process"):
+            encoder.encode_ids([[101, 10**7, 102]])  # a token id outside the vocabulary
+        pid = encoder.pid
+        assert encoder.encode(TEXTS).shape == (3, 384) and encoder.pid == pid  # the same child lives on
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    with pytest.raises(ExportNotFound, match="embedpipe.json not found"):
+        ProcessEncoder(EncoderSpec(backend="onnx", folder=str(exported / "missing")))
 
 
 def test_a_server_that_cannot_start_fails_with_its_log_and_leaves_nothing_behind(repo_root, tmp_path):
@@ -185,7 +234,7 @@ def test_the_exports_torch_bf16_variant_is_served_from_its_folder(exported, repo
         got = np.array([d.embedding for d in client.embeddings.create(model="test-embed", input=TEXTS).data])
         queries = np.array([d.embedding for d in client.embeddings.create(
             model="test-embed", input=TEXTS, extra_body={"input_type": "query"}).data])
-        assert "(torch_bf16 on torch, cpu, 4096 tokens per model call)" in proc.log_tail()  # max_batch_tokens: auto
+        assert "(torch_bf16 on torch, cpu, 4096 tokens per model call, model process" in proc.log_tail()  # auto
     assert (got * encode(minilm, TEXTS, PASSAGE_PROMPT)).sum(axis=1).min() > 0.999
     assert (queries * encode(minilm, TEXTS, QUERY_PROMPT)).sum(axis=1).min() > 0.999
 
@@ -193,16 +242,18 @@ def test_the_exports_torch_bf16_variant_is_served_from_its_folder(exported, repo
 def test_torch_backend_under_bf16_autocast_serves_vectors_close_to_fp32(exported, repo_root, minilm):
     """`--backend torch --torch-dtype bfloat16` (the fast path on CPUs with AVX-512 BF16/AMX): same API, the
     vectors within bf16 rounding of the fp32 model's, still unit length. `--max-batch-tokens 40` really bounds
-    the model calls: a request of 8 inputs of ~16 tokens runs in several calls, not in one."""
+    the model calls: a request of 8 inputs of ~16 tokens runs in several calls, not in one. The model runs in the
+    server's own process here (`--no-model-process`), the other way to serve."""
     from conftest import stage_env
 
     args = ["--params", str(exported / "params.yaml"), "--backend", "torch", "--torch-model", "all-MiniLM-L6-v2",
-            "--torch-dtype", "bfloat16", "--model-name", "bf16-embed", "--max-batch-tokens", "40"]
+            "--torch-dtype", "bfloat16", "--model-name", "bf16-embed", "--max-batch-tokens", "40", "--no-model-process"]
     texts = TEXTS + [f"Descale boiler number {i} every three months, then rinse it." for i in range(5)]
     with ServerProcess(args, cwd=str(repo_root), env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
         client = openai.OpenAI(base_url=proc.base_url, api_key=API_KEY, max_retries=0)
         got = np.array([d.embedding for d in client.embeddings.create(model="bf16-embed", input=texts).data])
         calls, inputs = batch_stats(proc)
+        assert "model in the server process" in proc.log_tail()
     tokens = minilm.tokenizer([PASSAGE_PROMPT + t for t in texts], return_length=True)["length"]
     assert inputs == len(texts) and calls >= sum(tokens) / 40 > 1  # in model calls of <= 40 tokens each
     reference = encode(minilm, texts, PASSAGE_PROMPT)
