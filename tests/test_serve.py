@@ -147,6 +147,19 @@ def model_pid(server) -> int:
     return int(re.findall(r"model process pid (\d+)", server.log_tail(10**6))[-1])
 
 
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent`, from /proc (no procps needed)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def test_model_process_killed_between_requests_is_restarted(server, client, minilm):
     """serve.model_process (the default): the model runs in a child process. If it dies, the server lives on and
     the next model run starts a new one."""
@@ -165,7 +178,7 @@ def test_model_process_killed_between_requests_is_restarted(server, client, mini
 
 def test_sigterm_stops_cleanly(server):
     assert server.proc.poll() is None
-    children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+    children = child_pids(server.proc.pid)
     assert children  # the model process (and multiprocessing's resource tracker)
     assert server.stop(timeout_s=20) == 0, server.log_tail()  # graceful: uvicorn finished, exit code 0
     assert "Traceback" not in server.log_tail()
