@@ -40,8 +40,7 @@ def _child(conn, spec: EncoderSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        encoder = build_encoder(spec)
-        encoder.encode(["warm-up"])
+        encoder = build_encoder(spec)  # warmed up by its first request (the server sends one before it is ready)
     except BaseException as e:  # noqa: BLE001 - the parent shows it; nothing else can
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
