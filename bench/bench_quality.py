@@ -236,7 +236,11 @@ def pct(new: float, old: float) -> float:
 
 
 def read_per_query(path: Path, label: str, metric: str = "ndcg@10") -> dict[str, float]:
-    return {row["query_id"]: float(row[label][metric]) for row in read_jsonl(path)}
+    return {row["query_id"]: round(float(row[label][metric]), 6) for row in read_jsonl(path)}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def analyse(base_block: dict[str, float], base_pq: dict[str, float], seeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -245,7 +249,7 @@ def analyse(base_block: dict[str, float], base_pq: dict[str, float], seeds: list
     base_vec = np.array([base_pq[q] for q in qids])
     ft_matrix = []
     for s in seeds:
-        per_query = s.pop("_per_query")
+        per_query = s["per_query_ndcg@10"]
         ft_vec = np.array([per_query[q] for q in qids])
         ft_matrix.append(ft_vec)
         test = sign_flip_test(ft_vec - base_vec)
@@ -456,7 +460,10 @@ def run_all(
             "sdg_accepted": sdg_m.get("accepted"),
             "sdg_accepted_llm": sdg_m.get("accepted_llm"),
             "stage_times_s": {s: round(t, 1) for s, t in times.items()},
-            "_per_query": read_per_query(d / "eval" / "per_query.jsonl", "finetuned"),
+            # what bench/compare_quality.py pairs two configurations on: the inputs (same hash = same LLM
+            # questions / training set) and every query's score
+            "inputs_sha256": {"qa": file_sha256(d / "sdg" / "qa.jsonl"), "train": file_sha256(d / "prep" / "train.jsonl")},
+            "per_query_ndcg@10": read_per_query(d / "eval" / "per_query.jsonl", "finetuned"),
         }
         per_seed.append(row)
         click.echo(
@@ -576,6 +583,7 @@ def main(
         "params": applied,
         "params_file": str(params_path),
         **stats,
+        "base_per_query_ndcg@10": base_pq,
         "per_seed": per_seed,
         "stage_times_s": {
             **{s: round(t, 1) for s, t in once.items()},

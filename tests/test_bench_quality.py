@@ -50,11 +50,15 @@ def make_bench(root: Path, tiny_docs_dir: Path, tiny_corpus_path: Path) -> Path:
     return bench
 
 
-def run_bench(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "bench_quality.py"), *args],
+        [sys.executable, str(REPO_ROOT / "bench" / script), *args],
         cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
+
+
+def run_bench(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return run_script("bench_quality.py", args, cwd)
 
 
 def test_bench_end_to_end_on_a_tiny_pair(tmp_path: Path, tiny_docs_dir: Path, tiny_corpus_path: Path):
@@ -105,6 +109,17 @@ def test_bench_end_to_end_on_a_tiny_pair(tmp_path: Path, tiny_docs_dir: Path, ti
     assert table in proc.stdout
     assert "| - | base |" in table and "| **mean** | fine-tuned |" in table
     assert f"{base:.4f}" in table and "sign-flip" in table and "| finetune |" in table
+
+    # Per-query scores and input hashes, for bench/compare_quality.py; a result compared with itself: no difference.
+    assert set(result["base_per_query_ndcg@10"]) == set(TINY_QUERIES)
+    row = result["per_seed"][0]
+    assert set(row["per_query_ndcg@10"]) == set(TINY_QUERIES) and len(row["inputs_sha256"]["qa"]) == 64
+    compare_out = tmp_path / "compare.md"
+    same = run_script("compare_quality.py", [str(out), str(out), "--out", str(compare_out)], tmp_path)
+    assert same.returncode == 0, same.stderr
+    compared = json.loads(compare_out.with_suffix(".json").read_text())
+    assert compared["mean_difference_points"] == 0 and compared["p_value"] == 1
+    assert compared["per_seed"][0]["same_llm_questions"] and compared["per_seed"][0]["same_training_set"]
 
     # A rerun on the same workspace reuses every finished step and gives the same numbers.
     again = run_bench(args, tmp_path)
@@ -233,3 +248,41 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_queries():
     assert paired_bootstrap_ci(small) == paired_bootstrap_ci(small)  # seeded: reruns agree
     with pytest.raises(ValueError):
         paired_bootstrap_ci([])
+
+
+def load_compare_module():
+    spec = importlib.util.spec_from_file_location("compare_quality", REPO_ROOT / "bench" / "compare_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_pairs_the_common_seeds_by_hand(tmp_path: Path):
+    cq = load_compare_module()
+    base = {"q1": 0.5, "q2": 0.5, "q3": 0.5, "q4": 0.5}  # mean 0.5: one point of nDCG@10 = 2 points of gain
+
+    def seed(k: int, scores: list[float], qa: str) -> dict:
+        gain = (sum(scores) / 4 - 0.5) / 0.5 * 100
+        return {"seed": k, "gain_pct": gain, "per_query_ndcg@10": dict(zip(base, scores)),
+                "inputs_sha256": {"qa": qa, "train": "t"}}  # fmt: skip
+
+    a = {"base_per_query_ndcg@10": base, "per_seed": [seed(0, [0.5] * 4, "x"), seed(1, [0.6, 0.5, 0.5, 0.5], "y")]}
+    b = {"base_per_query_ndcg@10": base, "per_seed": [seed(1, [0.7, 0.6, 0.6, 0.5], "y"), seed(2, [1.0] * 4, "z")]}
+    c = cq.compare(a, b)
+    assert c["seeds"] == [1]  # only seed 1 ran in both
+    (row,) = c["per_seed"]
+    # B - A per query on seed 1: +0.1, +0.1, +0.1, 0 -> mean +0.075 nDCG = +15 points of relative gain
+    assert row["difference_points"] == pytest.approx(15.0) and c["mean_difference_points"] == pytest.approx(15.0)
+    assert (row["queries_better"], row["queries_worse"]) == (3, 0) and row["same_llm_questions"]
+    assert row["p_value"] == pytest.approx(2 / 8)  # three equal positive differences: 2 of 2^3 patterns
+    low, high = c["difference_ci95_points"]
+    assert low <= 15.0 <= high
+
+    with pytest.raises(cq.CompareError, match="no seed in common"):
+        cq.compare(a, {**b, "per_seed": b["per_seed"][1:]})
+    with pytest.raises(cq.CompareError, match="different queries or base scores"):
+        cq.compare(a, {**b, "base_per_query_ndcg@10": {**base, "q1": 0.9}})
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"per_seed": []}))
+    proc = run_script("compare_quality.py", [str(old), str(old)], tmp_path)
+    assert proc.returncode == 1 and "no per-query scores" in proc.stderr
