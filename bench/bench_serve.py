@@ -96,6 +96,35 @@ def drive_server(base_url: str, texts: list[str], concurrency: int) -> tuple[flo
     return seconds, latencies
 
 
+def drive_workers(encoder, texts: list[str], concurrency: int) -> float:
+    """A ProcessEncoder with several model workers, fed without HTTP: `concurrency` texts at a time, split evenly
+    over the workers (the batches a perfect server would form); seconds."""
+    workers = encoder.workers
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for i in range(0, len(texts), concurrency):
+            group = texts[i : i + concurrency]
+            size = -(-len(group) // workers)
+            list(pool.map(encoder.encode, [group[k : k + size] for k in range(0, len(group), size)]))
+    return time.perf_counter() - start
+
+
+def mode_spec(model: str, folder: Path, flags: list[str]):
+    """The torch_bf16 server's model setup under a server mode's flags (--model-workers, --[no-]torch-compile; the
+    rest from params.yaml `serve:`, `auto` resolved as the server does): (EncoderSpec, workers)."""
+    from dataclasses import replace
+
+    from embedpipe.onnx_encoder import EncoderSpec, serving_plan
+    from embedpipe.params import load_params
+
+    cfg = load_params(str(ROOT / "params.yaml"))["serve"]
+    workers = int(flags[flags.index("--model-workers") + 1]) if "--model-workers" in flags else cfg["model_workers"]
+    compile_ = True if "--torch-compile" in flags else False if "--no-torch-compile" in flags else cfg["torch_compile"]
+    spec = EncoderSpec(backend="torch", folder=str(folder), torch_model=model, bf16=True, device="cpu")
+    workers, compile_ = serving_plan(spec, workers, compile_, True)
+    return replace(spec, compile=compile_, threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0), workers
+
+
 def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, list[float]]:
     latencies = []
     start = time.perf_counter()
@@ -132,10 +161,13 @@ def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, lis
 @click.option("--also-model-in-server-process", "in_server_too", is_flag=True,
               help="--compare-variants: also serve each variant with the model in the server's own process "
                    "(`serve --no-model-process`), side by side with the default child process.")
+@click.option("--server-mode", "server_modes", multiple=True, metavar="NAME=FLAGS",
+              help="--compare-variants: also serve each candidate variant with these extra `stages/serve.py` flags, "
+                   "side by side (repeatable), e.g. 'workers2=--model-workers 2'. The torch baseline runs as is.")
 def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bool, abuse_concurrency: int,
          huge_inputs: int, huge_chars: int, compare_variants: bool, beir_dir: str, max_passages: int, variants: str,
          tolerance: float, batch_tokens: int | None, out_path: str, infinity_bin: str | None,
-         in_server_too: bool) -> None:
+         in_server_too: bool, server_modes: tuple[str, ...]) -> None:
     levels = [int(c) for c in concurrency.split(",")]
     st = load_model(model, device="cpu")
     if abuse:
@@ -146,7 +178,8 @@ def main(model: str, n_requests: int, concurrency: str, backends: str, abuse: bo
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         if compare_variants:
             compare(model, st, Path(tmp), Path(beir_dir), max_passages, n_requests, levels, tolerance, Path(out_path),
-                    [v.strip() for v in variants.split(",")], infinity_bin, batch_tokens, in_server_too)
+                    [v.strip() for v in variants.split(",")], infinity_bin, batch_tokens, in_server_too,
+                    parse_modes(server_modes))
         else:
             run(model, st, Path(tmp), load_texts(n_requests), levels, [b.strip() for b in backends.split(",")])
 
@@ -195,6 +228,17 @@ def serve_infinity(executable: str, model: str, st, texts: list[str], levels: li
             "cosine_min_vs_torch": parity["cosine_min"], "inputs_per_s": speed}
 
 
+def parse_modes(specs: tuple[str, ...]) -> dict[str, list[str]]:
+    """'NAME=FLAGS' options -> {NAME: [flag, ...]}."""
+    modes = {}
+    for spec in specs:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip() or name.strip() in ("server", "in_process"):
+            raise click.BadParameter(f"--server-mode {spec!r}: expected NAME=FLAGS with a new NAME")
+        modes[name.strip()] = flags.split()
+    return modes
+
+
 def server_key(variant: str) -> str:
     """The speed table's key of a variant: ONNX variants are 'onnx <variant>', torch ones their own name."""
     return variant if variant.startswith("torch") else f"onnx {variant}"
@@ -202,7 +246,8 @@ def server_key(variant: str) -> str:
 
 def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requests: int, levels: list[int],
             tolerance: float, out_path: Path, chosen: list[str], infinity_bin: str | None = None,
-            batch_tokens: int | None = None, in_server_too: bool = False) -> None:
+            batch_tokens: int | None = None, in_server_too: bool = False,
+            extra_modes: dict[str, list[str]] | None = None) -> None:
     """Quality (vs torch, on a real test set) then speed (server and in-process) of each ONNX variant.
     `in_server_too`: also serve each with the model in the server's own process (`--no-model-process`)."""
     console = Console()
@@ -254,14 +299,15 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
     if variants.get("torch_bf16", {}).get("passed"):
         runs["torch_bf16"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model,
                                "--torch-dtype", "bfloat16"], bf16.encode)
-    runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model], lambda t: encode(st, t))
+    runs["torch"] = (["--model-dir", str(tmp), "--backend", "torch", "--torch-model", model,  # the plain torch server
+                      "--model-workers", "1", "--no-torch-compile"], lambda t: encode(st, t))
     tokens = ["--max-batch-tokens", str(batch_tokens)] if batch_tokens else []
     modes = {"server": ["--model-process"]}  # the default: the model in a child process, away from the GIL
     if in_server_too:
         modes["server_model_in_server_process"] = ["--no-model-process"]
     for name, (args, in_process) in runs.items():
         in_process(texts[:8])
-        for mode, flags in modes.items():
+        for mode, flags in {**modes, **({} if name == "torch" else extra_modes or {})}.items():
             with ServerProcess([*args, *tokens, *flags, "--model-name", "bench"], cwd=str(ROOT), env=env) as server:
                 drive_server(server.base_url, texts[:8], 2)  # warm-up
                 for c in levels:
@@ -270,6 +316,15 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
         for c in levels:
             seconds, _ = drive_in_process(in_process, texts, c)
             speed[name][f"in_process_c{c}"] = round(len(texts) / seconds, 1)
+        if name == "torch_bf16":  # each mode's model setup without HTTP, for its HTTP overhead
+            from embedpipe.model_process import ProcessEncoder
+
+            for mode, flags in {"server": [], **(extra_modes or {})}.items():
+                spec, workers = mode_spec(model, tmp, flags)
+                with ProcessEncoder(spec, workers=workers) as encoder:
+                    drive_workers(encoder, texts[:16], 8)  # warm-up
+                    for c in levels:
+                        speed[name][f"in_process_{mode}_c{c}"] = round(len(texts) / drive_workers(encoder, texts, c), 1)
         console.print(f"{name}: {speed[name]} inputs/s")
 
     infinity = serve_infinity(infinity_bin, model, st, texts, levels) if infinity_bin else None
@@ -282,10 +337,21 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
         if server_key(v) in speed:
             s = speed[server_key(v)]
             variants[v]["throughput_ratio_vs_torch_c8"] = round(s[f"server_c{c}"] / speed["torch"][f"server_c{c}"], 2)
-            variants[v]["http_overhead_pct"] = round(100 * (1 - s[f"server_c{c}"] / s[f"in_process_c{c}"]), 1)
+            # against the fastest way this bench ran the model without HTTP (any setup), not only the same setup
+            best_in_process = max(x for k, x in s.items() if k.startswith("in_process") and k.endswith(f"_c{c}"))
+            variants[v]["http_overhead_pct"] = round(100 * (1 - s[f"server_c{c}"] / best_in_process), 1)
+            if f"in_process_server_c{c}" in s:
+                variants[v]["http_overhead_pct_same_setup"] = round(
+                    100 * (1 - s[f"server_c{c}"] / s[f"in_process_server_c{c}"]), 1)
             if in_server_too:
                 variants[v]["http_overhead_pct_model_in_server_process"] = round(
                     100 * (1 - s[f"server_model_in_server_process_c{c}"] / s[f"in_process_c{c}"]), 1)
+            for mode in extra_modes or {}:
+                variants[v][f"throughput_ratio_vs_torch_c8_{mode}"] = round(
+                    s[f"{mode}_c{c}"] / speed["torch"][f"server_c{c}"], 2)
+                if f"in_process_{mode}_c{c}" in s:
+                    variants[v][f"http_overhead_pct_{mode}"] = round(
+                        100 * (1 - s[f"{mode}_c{c}"] / s[f"in_process_{mode}_c{c}"]), 1)
     passed = [v for v in variants if variants[v]["passed"]]
     best = max(passed, key=lambda v: variants[v]["throughput_ratio_vs_torch_c8"])
     result = {"variant": best, "metric_drift": variants[best]["metric_drift"],
@@ -294,6 +360,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
               "concurrency": c, "model": model, "test_set": {"beir_dir": str(beir_dir), "passages": len(passages),
                                                               "queries": len(qtexts)},
               "requests_per_cell": n_requests, "max_batch_tokens": batch_tokens, "model_process": True,
+              "server_modes": extra_modes or {},
               "command": " ".join(["python", *sys.argv]), "variants": variants,
               "inputs_per_s": speed,
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),

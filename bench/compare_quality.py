@@ -33,17 +33,30 @@ class CompareError(click.ClickException):
     """Results that cannot be compared: one clear message, exit 1."""
 
 
-def load_result(path: str) -> dict[str, Any]:
-    try:
-        result = read_json(path)
-    except (OSError, FormatError, ValueError) as e:
-        raise CompareError(f"{path}: {e}") from None
-    if not isinstance(result, dict) or "base_per_query_ndcg@10" not in result:
-        raise CompareError(
-            f"{path}: no per-query scores (base_per_query_ndcg@10): written by an older bench_quality.py; "
-            "rerun it (a kept --workdir makes the rerun instant)"
-        )
-    return result
+def load_result(paths: str) -> dict[str, Any]:
+    """One result, or several of one configuration joined with commas (seeds run separately): seeds merged."""
+    merged: dict[str, Any] | None = None
+    for path in paths.split(","):
+        try:
+            result = read_json(path)
+        except (OSError, FormatError, ValueError) as e:
+            raise CompareError(f"{path}: {e}") from None
+        if not isinstance(result, dict) or "base_per_query_ndcg@10" not in result:
+            raise CompareError(
+                f"{path}: no per-query scores (base_per_query_ndcg@10): written by an older bench_quality.py; "
+                "rerun it (a kept --workdir makes the rerun instant)"
+            )
+        if merged is None:
+            merged = {**result, "per_seed": list(result["per_seed"])}
+            continue
+        if result["base_per_query_ndcg@10"] != merged["base_per_query_ndcg@10"]:
+            raise CompareError(f"{path}: another benchmark or base model than {paths.split(',')[0]}")
+        seen = {s["seed"] for s in merged["per_seed"]}
+        if seen & {s["seed"] for s in result["per_seed"]}:
+            raise CompareError(f"{path}: a seed it ran is already in {paths}")
+        merged["per_seed"] += result["per_seed"]
+    assert merged is not None
+    return merged
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -125,11 +138,13 @@ def markdown(name_a: str, name_b: str, params_a: dict, params_b: dict, c: dict[s
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("result_a", metavar="A.json")
-@click.argument("result_b", metavar="B.json")
+@click.argument("result_a", metavar="A.json[,A2.json...]")
+@click.argument("result_b", metavar="B.json[,B2.json...]")
 @click.option("--out", "out_path", default=None, help="Also write the table here (Markdown; the JSON goes next to it).")
 def main(result_a: str, result_b: str, out_path: str | None) -> None:
-    """Paired comparison of two bench_quality.py results (B against A) on their common seeds."""
+    """Paired comparison of two bench_quality.py results (B against A) on their common seeds.
+
+    Each side may join several results of one configuration with commas (seeds run in separate calls)."""
     a, b = load_result(result_a), load_result(result_b)
     c = compare(a, b)
     table = markdown(result_a, result_b, a.get("params") or {}, b.get("params") or {}, c)

@@ -10,6 +10,9 @@ swap backends.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ CPU_VARIANTS = ("fp32", "fp32_opt", "int8", "int8_block", TORCH_VARIANT)  # cand
 # int8_block's activation scales are per row and block, so it is batch-invariant.
 BATCH_DEPENDENT = frozenset({"int8"})
 CONFIG_FILE = "embedpipe.json"
+log = logging.getLogger("embedpipe.server")
 
 
 class ExportNotFound(FileNotFoundError):
@@ -54,21 +58,25 @@ def resolve_variant(folder: str | Path, variant: str) -> str:
     return chosen if variant_path(folder, chosen).exists() else "fp32"
 
 
-def open_encoder(folder: str | Path, variant: str = "auto", device: str = "cpu", threads: int = 0) -> Any:
-    """An exported folder's encoder: ONNX variants on onnxruntime, torch_bf16 on its torch copy (bf16 autocast)."""
+def open_encoder(
+    folder: str | Path, variant: str = "auto", device: str = "cpu", threads: int = 0, compile: bool = False
+) -> Any:
+    """An exported folder's encoder: ONNX variants on onnxruntime, torch_bf16 on its torch copy (bf16 autocast;
+    `compile`: under torch.compile, see TorchEncoder)."""
     folder = Path(folder)
     variant = resolve_variant(folder, variant)
     if variant != TORCH_VARIANT:
         return OnnxEncoder(folder, variant, device, threads)
     from embedpipe.models import load_model
 
+    set_torch_threads(threads)
     config, path = read_export_config(folder), folder / TORCH_DIR
     if not (path / "modules.json").is_file():
         raise ExportNotFound(f"{path} not found (the export stage writes it only when torch_bf16 passes its parity check)")
     model = load_model(str(path), device="cuda" if device in ("cuda", "tensorrt") else "cpu",
                        max_seq_length=int(config["max_seq_length"]))
     return TorchEncoder(model, config.get("name", folder.name), config.get("query_prompt", ""),
-                        config.get("passage_prompt", ""), bf16=True)
+                        config.get("passage_prompt", ""), bf16=True, compile=compile)
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,13 @@ class EncoderSpec:
     folder: str                  # the exported folder (onnx: the graphs; torch: its name and prompts, if present)
     variant: str = "auto"        # onnx backend: auto | fp32 | fp32_opt | int8 | int8_block | fp16 | torch_bf16
     device: str = "cpu"          # onnx: cpu | cuda | tensorrt; torch: cpu | cuda | auto
-    threads: int = 0             # onnxruntime intra-op threads (0 = all cores)
+    threads: int = 0             # intra-op threads of onnxruntime or torch (0 = all cores)
     torch_model: str = ""        # torch backend: model folder or name
     max_seq_length: int | None = None
     query_prompt: str = ""       # torch backend: used when the model saved no prompts of its own
     passage_prompt: str = ""
     bf16: bool = False           # torch backend: bfloat16 autocast
+    compile: bool = False        # torch paths (torch backend, torch_bf16): torch.compile the transformer
 
 
 def build_encoder(spec: EncoderSpec) -> Any:
@@ -96,15 +105,71 @@ def build_encoder(spec: EncoderSpec) -> Any:
             import onnxruntime as ort
 
             device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-        return open_encoder(spec.folder, spec.variant, device, threads=spec.threads)
+        return open_encoder(spec.folder, spec.variant, device, threads=spec.threads, compile=spec.compile)
     from embedpipe.models import load_model
     from embedpipe.onnx_export import model_prompts
 
+    set_torch_threads(spec.threads)
     model = load_model(spec.torch_model, device=spec.device, max_seq_length=spec.max_seq_length)
     folder = Path(spec.folder)
     exported = read_export_config(folder) if (folder / CONFIG_FILE).is_file() else {}
     query, passage = model_prompts(model, spec.query_prompt, spec.passage_prompt)
-    return TorchEncoder(model, exported.get("name", Path(spec.torch_model).name), query, passage, bf16=spec.bf16)
+    return TorchEncoder(
+        model, exported.get("name", Path(spec.torch_model).name), query, passage, bf16=spec.bf16, compile=spec.compile
+    )
+
+
+def runs_torch_on_cpu(spec: EncoderSpec) -> bool:
+    """Whether `spec` serves with torch on the CPU: the torch backend, or the export's torch_bf16 variant."""
+    if spec.backend == "torch":
+        if spec.device == "auto":
+            import torch
+
+            return not torch.cuda.is_available()
+        return spec.device == "cpu"
+    if spec.device in ("cuda", "tensorrt"):
+        return False
+    try:
+        variant = resolve_variant(spec.folder, spec.variant)
+    except (ExportNotFound, ValueError):
+        return False  # the encoder itself will say what is wrong
+    if variant != TORCH_VARIANT:
+        return False
+    if spec.device == "auto":
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" not in ort.get_available_providers()
+    return True
+
+
+def serving_plan(spec: EncoderSpec, workers: int | str, compile: bool | str, model_process: bool) -> tuple[int, bool]:
+    """(model workers, torch.compile) for `serve.model_workers` / `serve.torch_compile`, `auto` resolved.
+
+    auto = 2 workers under torch.compile when torch serves on the CPU and a C++ compiler is there (inductor needs
+    one); otherwise 1 worker, eager. Measured on 2 AMX cores, torch_bf16 at c=8: 83 inputs/s with one eager worker,
+    114 with two compiled ones, and c=1 46 vs 44 (docs/export-and-serve.md). ONNX variants keep one worker: two
+    one-thread workers cost them 40 % at c=1. More than 2 cores: unmeasured, still 2 workers (cores split evenly).
+    """
+    torch_cpu = runs_torch_on_cpu(spec)
+    if compile == "auto":
+        compile = torch_cpu and bool(shutil.which("c++") or shutil.which("g++"))
+    elif not isinstance(compile, bool):
+        raise ValueError(f"serve.torch_compile must be true, false or auto, got {compile!r}")
+    if workers == "auto":
+        workers = 2 if torch_cpu and compile and model_process and (os.cpu_count() or 1) >= 2 else 1
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"serve.model_workers must be auto or an integer >= 1, got {workers!r}")
+    if workers > 1 and not model_process:
+        raise ValueError(f"serve.model_workers {workers} needs the model process (serve.model_process: true)")
+    return workers, compile
+
+
+def set_torch_threads(threads: int) -> None:
+    """torch's intra-op threads in this process (0: leave torch's default, all cores)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def providers_for(device: str) -> list[Any]:
@@ -221,10 +286,23 @@ class TorchEncoder(_PaddedEncoder):
     `bf16`: run under bfloat16 autocast (weights stay fp32, pooling and normalisation in fp32). On CPUs with
     AVX-512 BF16 or AMX this is the fastest CPU path measured (MiniLM, django-faq: 1.6-1.9x fp32 torch in-process, cosine min
     0.99997, metric drift 0.0035; `bench/bench_serve.py --compare-variants`); elsewhere bf16 is emulated and slow.
+
+    `compile`: the transformer runs under torch.compile (inductor, dynamic shapes). At the server's small batches
+    eager torch spends much of a forward between its ~150 operators; the compiled graph fuses them. It costs a
+    compilation at start (seconds with a warm inductor cache in /tmp, up to a minute cold), done here by encoding
+    a few batches of different shapes, so that no request pays for it.
     """
 
-    def __init__(self, model: Any, name: str, query_prompt: str = "", passage_prompt: str = "", bf16: bool = False):
-        self.model, self.bf16 = model, bf16
+    def __init__(
+        self,
+        model: Any,
+        name: str,
+        query_prompt: str = "",
+        passage_prompt: str = "",
+        bf16: bool = False,
+        compile: bool = False,
+    ):
+        self.model, self.bf16, self.compiled = model, bf16, False
         self.name, self.variant, self.device = name, "torch_bf16" if bf16 else "torch", str(model.device)
         self.tokenizer = model.tokenizer
         self.max_seq_length = int(model.max_seq_length)
@@ -232,6 +310,25 @@ class TorchEncoder(_PaddedEncoder):
         self.query_prompt, self.passage_prompt = query_prompt, passage_prompt
         self.config = {"name": name, "max_seq_length": self.max_seq_length, "dimension": self.dimension,
                        "query_prompt": query_prompt, "passage_prompt": passage_prompt}
+        if compile:
+            self.compiled = self._compile()
+
+    def _compile(self) -> bool:
+        """torch.compile the transformer and compile it now, on a few shapes; on any failure (no C++ compiler, an
+        unsupported operator) warn and keep the eager model. Returns whether the compiled model is in use."""
+        import torch
+
+        hf_model = self.model[0].auto_model  # sentence-transformers calls its `forward` directly: compile that
+        eager = hf_model.forward
+        hf_model.forward = torch.compile(eager, dynamic=True)
+        try:  # batch 1 is compiled apart from the general shape (dynamo specialises sizes 0 and 1)
+            for rows, width in ((1, 8), (3, 24), (8, 64)):
+                self.encode_ids([[self.tokenizer.cls_token_id or 0] * width] * rows, batch_size=rows)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager model still serves
+            hf_model.forward = eager
+            log.warning("torch.compile failed (%s: %s); running the eager model", type(e).__name__, str(e)[:300])
+            return False
+        return True
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         import torch

@@ -139,6 +139,7 @@ class Job:
     def __init__(self, ids: list[list[int]], seq: int, future: asyncio.Future):
         self.ids, self.seq, self.future = ids, seq, future
         self.next = 0                      # first row not yet handed to the model
+        self.done = 0                      # rows computed (with several model workers, chunks finish in any order)
         self.out: np.ndarray | None = None
         self.passed = 0                    # model runs in a row that took nothing from this job
         self.chunked = False               # too big for one run: computed in chunks
@@ -155,17 +156,19 @@ class Scheduler:
     smallest-remaining first; a run is either several requests that all finish in it, or one chunk of the
     smallest request that does not fit, so a small request waits at most one chunk. A request passed over
     `_STARVE_STEPS` runs in a row goes first. Rows of cancelled requests (client gone) are never computed.
+    `workers` model runs go at once (one loop each; `fn` must allow that many concurrent calls).
     """
 
     def __init__(self, fn, settings: ServerSettings, metrics: dict[str, Any], executor: ThreadPoolExecutor,
-                 min_chunk_tokens: int = 256):
+                 min_chunk_tokens: int = 256, workers: int = 1):
         self.fn, self.settings, self.metrics, self.executor = fn, settings, metrics, executor
+        self.workers = workers
         self.min_chunk_tokens = min_chunk_tokens  # one full-length input
         self.jobs: list[Job] = []
         self.queued = 0                    # rows not yet handed to the model
         self.rate: float | None = None     # rows/s, smoothed: for Retry-After
         self.wake = asyncio.Event()
-        self.task: asyncio.Task | None = None
+        self.tasks: list[asyncio.Task] = []
         self.draining = False              # SIGTERM received: work in progress may finish
         self.closed = False                # the drain timeout passed: everything left was dropped
         self.dropped = 0                   # requests answered 503 because of the shutdown
@@ -174,12 +177,12 @@ class Scheduler:
         self._seq = 0
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._loop())
+        self.tasks = [asyncio.create_task(self._loop()) for _ in range(self.workers)]
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         self._drop_all()
 
     def retry_after(self) -> int:
@@ -332,7 +335,8 @@ class Scheduler:
                     if job.out is None:
                         job.out = np.empty((len(job.ids), emb.shape[1]), dtype=np.float32)
                     job.out[a:b] = emb[offset : offset + b - a]
-                    if b == len(job.ids):
+                    job.done += b - a
+                    if job.done == len(job.ids):
                         job.future.set_result(job.out)
                         self._forget(job)
                 offset += b - a
@@ -497,7 +501,8 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
     token_limit = min(settings.max_tokens_per_input or encoder.max_seq_length, encoder.max_seq_length)
     char_limit = token_limit * settings.max_chars_per_token
     state: dict[str, Any] = {"ready": False, "scheduler": None}
-    model_pool = ThreadPoolExecutor(1, thread_name_prefix="embed-model")
+    workers = int(getattr(encoder, "workers", 1))  # a ProcessEncoder may run several model processes
+    model_pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-model")
     prep_pool = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="embed-prep")
 
     def run_batch(ids: list[list[int]]) -> np.ndarray:
@@ -585,7 +590,7 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(encoder.encode, ["warm-up"])
-        scheduler = Scheduler(run_batch, settings, metrics, model_pool, token_limit)
+        scheduler = Scheduler(run_batch, settings, metrics, model_pool, token_limit, workers=workers)
         scheduler.start()
         state.update(scheduler=scheduler, ready=True)
         yield

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import click
 
@@ -41,9 +42,16 @@ from embedpipe.params import load_params, section
 @click.option("--max-wait-ms", type=float, default=None, help="Batching wait (overrides serve.max_wait_ms).")
 @click.option("--model-process/--no-model-process", default=None,
               help="Run the model in a child process, away from the server's GIL (overrides serve.model_process).")
+@click.option("--model-workers", type=int, default=None,
+              help="Model processes, each with its share of the cores, running batches at once "
+                   "(overrides serve.model_workers; needs the model process).")
+@click.option("--torch-compile/--no-torch-compile", default=None,
+              help="Torch paths (torch backend, torch_bf16): run the transformer under torch.compile "
+                   "(overrides serve.torch_compile).")
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
 def main(params_path, model_dir, backend, variant, device, torch_model, torch_dtype, model_name, host, port, threads,
-         max_batch_size, max_batch_tokens, max_wait_ms, model_process, log_level) -> None:
+         max_batch_size, max_batch_tokens, max_wait_ms, model_process, model_workers, torch_compile,
+         log_level) -> None:
     """Serve POST /v1/embeddings (OpenAI + NIM fields), /v1/models, /v1/health/{live,ready} and /metrics.
 
     Requests without input_type get serve.default_input_type's prompt; truncate defaults to
@@ -52,27 +60,39 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     """
     from embedpipe.model_process import ModelProcessError, ProcessEncoder
     from embedpipe.models import ModelNotAvailable
-    from embedpipe.onnx_encoder import EncoderSpec, ExportNotFound, TorchEncoder, build_encoder
+    from embedpipe.onnx_encoder import EncoderSpec, ExportNotFound, TorchEncoder, build_encoder, serving_plan
     from embedpipe.server import ServerSettings, batch_tokens_for, create_app, run_server
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")
     backend = backend or cfg["backend"]
+    separate = cfg.get("model_process", True) if model_process is None else model_process
     spec = EncoderSpec(
         backend=backend, folder=str(model_dir or cfg["model_dir"]), variant=variant or cfg["variant"],
         device=device or cfg["device"], threads=cfg["threads"] if threads is None else threads,
         torch_model=torch_model or cfg["torch_model"], max_seq_length=mcfg["max_seq_length"],
         query_prompt=mcfg.get("query_prompt", ""), passage_prompt=mcfg.get("passage_prompt", ""),
         bf16=(torch_dtype or cfg.get("torch_dtype", "float32")) == "bfloat16")
+    try:
+        workers, compile_torch = serving_plan(
+            spec,
+            cfg.get("model_workers", "auto") if model_workers is None else model_workers,
+            cfg.get("torch_compile", "auto") if torch_compile is None else torch_compile,
+            separate,
+        )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if workers > 1 and not spec.threads:  # each worker gets its share of the cores
+        spec = replace(spec, threads=max(1, (os.cpu_count() or 1) // workers))
+    spec = replace(spec, compile=compile_torch)
     api_key = None
     if cfg.get("api_key_env"):
         api_key = os.environ.get(cfg["api_key_env"])
         if not api_key:
             raise click.ClickException(f"serve.api_key_env is '{cfg['api_key_env']}' but that variable is not set "
                                        "(set it, or set serve.api_key_env to '' for no key)")
-    separate = cfg.get("model_process", True) if model_process is None else model_process
     try:
-        encoder = ProcessEncoder(spec) if separate else build_encoder(spec)
+        encoder = ProcessEncoder(spec, workers=workers) if separate else build_encoder(spec)
     except (ExportNotFound, ModelNotAvailable, ModelProcessError, RuntimeError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -106,7 +126,16 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
             warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
         local = encoder.local if separate else encoder
         runtime = "torch" if isinstance(local, TorchEncoder) else "onnxruntime"
-        where = f"model process pid {encoder.pid}" if separate else "model in the server process"
+        where = "model in the server process"
+        if separate:
+            where = f"model process pid {encoder.pid}"
+            if workers > 1:
+                where = (f"{workers} model processes pid {', '.join(map(str, encoder.pids))}, "
+                         f"{spec.threads} threads each")
+        if getattr(encoder, "compiled", False):
+            where += ", torch.compile"
+        elif spec.compile:
+            where += ", torch.compile failed: eager"
         console.print(f"serving '{settings.model_name}' ({encoder.variant} on {runtime}, {encoder.device}, "
                       f"{settings.max_batch_tokens} tokens per model call, {where}) on "
                       f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")

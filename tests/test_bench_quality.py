@@ -282,6 +282,18 @@ def test_compare_pairs_the_common_seeds_by_hand(tmp_path: Path):
         cq.compare(a, {**b, "per_seed": b["per_seed"][1:]})
     with pytest.raises(cq.CompareError, match="different queries or base scores"):
         cq.compare(a, {**b, "base_per_query_ndcg@10": {**base, "q1": 0.9}})
+    # one configuration's seeds from several results, joined with commas
+    files = {}
+    for name, result in (("a", a), ("b1", {**b, "per_seed": b["per_seed"][:1]}), ("b2", {**b, "per_seed": b["per_seed"][1:]})):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(result))
+    merged = cq.load_result(f"{files['b1']},{files['b2']}")
+    assert [row["seed"] for row in merged["per_seed"]] == [1, 2]
+    with pytest.raises(cq.CompareError, match="already in"):
+        cq.load_result(f"{files['b1']},{files['b1']}")
+    proc = run_script("compare_quality.py", [str(files["a"]), f"{files['b1']},{files['b2']}"], tmp_path)
+    assert proc.returncode == 0 and "| 1 | +5.0% | +20.0% | +15.0 |" in proc.stdout, proc.stdout + proc.stderr
+
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"per_seed": []}))
     proc = run_script("compare_quality.py", [str(old), str(old)], tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,7 +248,10 @@ def test_the_exports_torch_bf16_variant_is_served_from_its_folder(exported, repo
         got = np.array([d.embedding for d in client.embeddings.create(model="test-embed", input=TEXTS).data])
         queries = np.array([d.embedding for d in client.embeddings.create(
             model="test-embed", input=TEXTS, extra_body={"input_type": "query"}).data])
-        assert "(torch_bf16 on torch, cpu, 4096 tokens per model call, model process" in proc.log_tail()  # auto
+        log = proc.log_tail()
+    assert "(torch_bf16 on torch, cpu, 4096 tokens per model call, " in log  # auto
+    if shutil.which("c++") or shutil.which("g++"):  # serve.model_workers/torch_compile auto: 2 compiled workers
+        assert "2 model processes pid" in log and ", torch.compile)" in log, log
     assert (got * encode(minilm, TEXTS, PASSAGE_PROMPT)).sum(axis=1).min() > 0.999
     assert (queries * encode(minilm, TEXTS, QUERY_PROMPT)).sum(axis=1).min() > 0.999
 
@@ -260,7 +264,8 @@ def test_torch_backend_under_bf16_autocast_serves_vectors_close_to_fp32(exported
     from conftest import stage_env
 
     args = ["--params", str(exported / "params.yaml"), "--backend", "torch", "--torch-model", "all-MiniLM-L6-v2",
-            "--torch-dtype", "bfloat16", "--model-name", "bf16-embed", "--max-batch-tokens", "40", "--no-model-process"]
+            "--torch-dtype", "bfloat16", "--model-name", "bf16-embed", "--max-batch-tokens", "40", "--no-model-process",
+            "--no-torch-compile"]
     texts = TEXTS + [f"Descale boiler number {i} every three months, then rinse it." for i in range(5)]
     with ServerProcess(args, cwd=str(repo_root), env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
         client = openai.OpenAI(base_url=proc.base_url, api_key=API_KEY, max_retries=0)
@@ -273,6 +278,65 @@ def test_torch_backend_under_bf16_autocast_serves_vectors_close_to_fp32(exported
     cosine = (got * reference).sum(axis=1)
     assert cosine.min() > 0.999 and np.abs(got - reference).max() > 0  # bf16 really ran, and stayed close
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_two_compiled_model_workers_answer_concurrent_requests_like_one_model(exported, repo_root, minilm):
+    """`--model-workers 2 --torch-compile`: two model processes (one core each) run batches at once, each under
+    torch.compile; concurrent requests get the fp32 model's vectors, and a killed worker is replaced."""
+    from conftest import stage_env
+
+    args = ["--params", str(exported / "params.yaml"), "--backend", "torch", "--torch-model", "all-MiniLM-L6-v2",
+            "--model-name", "w2", "--model-workers", "2", "--torch-compile"]
+    texts = [f"Descale boiler number {i} every {i % 4 + 2} months, then rinse it twice." for i in range(24)]
+    with ServerProcess(args, cwd=str(repo_root), env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
+        client = openai.OpenAI(base_url=proc.base_url, api_key=API_KEY, max_retries=0)
+        line = re.search(r"2 model processes pid (\d+), (\d+), 1 threads each, torch.compile", proc.log_tail())
+        assert line, proc.log_tail()
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda t: client.embeddings.create(model="w2", input=[t]).data[0].embedding, texts))
+        os.kill(int(line.group(2)), signal.SIGKILL)
+        time.sleep(0.5)
+        with ThreadPoolExecutor(4) as pool:  # whichever worker a run lands on, every request is answered
+            again = list(pool.map(lambda t: client.embeddings.create(model="w2", input=[t]).data[0].embedding, texts))
+        assert proc.proc.poll() is None
+    reference = encode(minilm, texts, PASSAGE_PROMPT)
+    np.testing.assert_allclose(np.array(got), reference, atol=1e-4)
+    np.testing.assert_allclose(np.array(again), reference, atol=1e-4)
+
+
+def test_serving_plan_auto_gives_torch_on_the_cpu_two_compiled_workers(exported, monkeypatch):
+    from embedpipe.onnx_encoder import EncoderSpec, serving_plan
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    torch_cpu = EncoderSpec(backend="torch", folder=str(exported / "onnx"), device="cpu", torch_model="m")
+    onnx = EncoderSpec(backend="onnx", folder=str(exported / "onnx"), variant="fp32")
+    bf16_variant = EncoderSpec(backend="onnx", folder=str(exported / "onnx"), variant="torch_bf16", device="cpu")
+    compiler = bool(shutil.which("c++") or shutil.which("g++"))
+    assert serving_plan(torch_cpu, "auto", "auto", True) == ((2, True) if compiler else (1, False))
+    assert serving_plan(bf16_variant, "auto", "auto", True) == ((2, True) if compiler else (1, False))
+    assert serving_plan(torch_cpu, "auto", "auto", False) == (1, compiler)  # one model in the server process
+    assert serving_plan(torch_cpu, "auto", False, True) == (1, False)  # eager: one worker (c=1 would lose 20 %)
+    assert serving_plan(onnx, "auto", "auto", True) == (1, False)  # ONNX: two one-thread workers lose 40 % at c=1
+    assert serving_plan(onnx, 3, True, True) == (3, True)  # explicit settings are kept
+    for bad in ((0, "auto", True), ("two", "auto", True), (2, "auto", False), ("auto", "yes", True)):
+        with pytest.raises(ValueError, match="serve.model_workers|serve.torch_compile"):
+            serving_plan(torch_cpu, *bad)
+
+
+def test_a_failing_torch_compile_falls_back_to_the_eager_model(minilm, monkeypatch, caplog):
+    import torch
+
+    from embedpipe.onnx_encoder import TorchEncoder
+
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    encoder = TorchEncoder(minilm, "m", compile=True)
+    assert encoder.compiled is False and "torch.compile failed (RuntimeError: no C++ compiler)" in caplog.text
+    np.testing.assert_allclose(encoder.encode(TEXTS), encode(minilm, TEXTS), atol=1e-5)
 
 
 def test_max_batch_tokens_auto_follows_the_runtime():
