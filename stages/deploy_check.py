@@ -13,6 +13,7 @@ non-zero when a check fails.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,12 @@ def stored_reference(cfg: dict[str, Any], export: dict[str, Any], sample: dict[s
     q = encode_cached(model, sample["queries"], export.get("query_prompt") or "", desc="deploy_check: reference",
                       kind="query")
     return (p, q), encode_counts().get(label, {}).get("encoded", 0)
+
+
+def start_line(log: str) -> str | None:
+    """How the server runs the model, from its start-up line: runtime, device, model processes, compilation."""
+    match = re.search(r"serving '[^']*' \((.*?)\) on http", " ".join(log.split()))
+    return match.group(1) if match else None
 
 
 @click.command()
@@ -114,12 +121,14 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
     server = ServerProcess(args, env=env, startup_timeout_s=float(cfg["startup_timeout_s"]))
     record: dict[str, Any] = {}
     vectors: dict[str, Any] = {}
+    served_as = None
     rc = 0
     try:
         with console.status("starting the server"):
             server.start()
         dimension = smoke_test(server.base_url, name, env["OPENAI_API_KEY"])
         console.print(f"server ready at {server.base_url} ('{name}', {variant}, dimension {dimension})")
+        served_as = start_line(server.log_tail(20_000))
         if not smoke_only:
             batch = min(32, int(scfg.get("max_inputs_per_request") or 32))
             vectors = check_vectors(server.base_url, name, env["OPENAI_API_KEY"], sample, reference,
@@ -151,7 +160,7 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
            "checked on the sample only, no full evaluation over HTTP")
     passed = bool(vectors.get("passed")) and (not full or (rc == 0 and bool(record.get("passed"))))
     result = {**record, "check": "sample+full" if full else "sample", "full_eval": full, "full_eval_reason": why,
-              "variant": variant, "vector_check": vectors, "passed": passed,
+              "variant": variant, "served_as": served_as, "vector_check": vectors, "passed": passed,
               "wall_time_s": round(time.time() - started, 2)}
     write_json(out_path, result)
 
@@ -160,7 +169,7 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
     else:
         verdict = (f"{'passed' if vectors['passed'] else 'FAILED'}: cosine min {vectors['cosine_min']:.5f} "
                    f"(required {vectors['cosine_required']}), mean {vectors['cosine_mean']:.5f}")
-    rows = {"model": name, "variant": variant, "endpoint": server.base_url,
+    rows = {"model": name, "variant": variant, "endpoint": server.base_url, "served as": served_as or "-",
             "checks run": "sample vectors + full served metrics" if full else "sample vectors only",
             "why": why,
             "sample": f"{len(sample['passages'])} passages + {len(sample['queries'])} queries, "
