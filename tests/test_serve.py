@@ -299,6 +299,13 @@ def test_two_compiled_model_workers_answer_concurrent_requests_like_one_model(ex
         with ThreadPoolExecutor(4) as pool:  # whichever worker a run lands on, every request is answered
             again = list(pool.map(lambda t: client.embeddings.create(model="w2", input=[t]).data[0].embedding, texts))
         assert proc.proc.poll() is None
+        workers = child_pids(proc.proc.pid)  # both model processes (one of them the replacement) and mp's tracker
+        assert len(workers) >= 2
+        assert proc.stop(timeout_s=30) == 0, proc.log_tail()  # both scheduler loops stop cleanly on SIGTERM
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no worker outlives the server
     reference = encode(minilm, texts, PASSAGE_PROMPT)
     np.testing.assert_allclose(np.array(got), reference, atol=1e-4)
     np.testing.assert_allclose(np.array(again), reference, atol=1e-4)
