@@ -112,9 +112,7 @@ def drive_workers(encoder, texts: list[str], concurrency: int) -> float:
 def mode_spec(model: str, folder: Path, flags: list[str]):
     """The torch_bf16 server's model setup under a server mode's flags (--model-workers, --[no-]torch-compile; the
     rest from params.yaml `serve:`, `auto` resolved as the server does): (EncoderSpec, workers)."""
-    from dataclasses import replace
-
-    from embedpipe.onnx_encoder import EncoderSpec, serving_plan
+    from embedpipe.onnx_encoder import EncoderSpec, serving_plan, worker_spec
     from embedpipe.params import load_params
 
     cfg = load_params(str(ROOT / "params.yaml"))["serve"]
@@ -122,7 +120,7 @@ def mode_spec(model: str, folder: Path, flags: list[str]):
     compile_ = True if "--torch-compile" in flags else False if "--no-torch-compile" in flags else cfg["torch_compile"]
     spec = EncoderSpec(backend="torch", folder=str(folder), torch_model=model, bf16=True, device="cpu")
     workers, compile_ = serving_plan(spec, workers, compile_, True)
-    return replace(spec, compile=compile_, threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0), workers
+    return worker_spec(spec, workers, compile_), workers
 
 
 def drive_in_process(fn, texts: list[str], concurrency: int) -> tuple[float, list[float]]:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,8 @@ class EncoderSpec:
 def build_encoder(spec: EncoderSpec) -> Any:
     """The encoder `spec` describes (raises ExportNotFound, ModelNotAvailable or ValueError with a fix-it message)."""
     if spec.backend == "onnx":
-        device = spec.device
-        if device == "auto":
-            import onnxruntime as ort
-
-            device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-        return open_encoder(spec.folder, spec.variant, device, threads=spec.threads, compile=spec.compile)
+        return open_encoder(spec.folder, spec.variant, onnx_device(spec.device), threads=spec.threads,
+                            compile=spec.compile)
     from embedpipe.models import load_model
     from embedpipe.onnx_export import model_prompts
 
@@ -119,36 +115,35 @@ def build_encoder(spec: EncoderSpec) -> Any:
     )
 
 
+def onnx_device(device: str) -> str:
+    """The onnx backend's device: `auto` = cuda when onnxruntime has CUDA, else cpu."""
+    if device != "auto":
+        return device
+    import onnxruntime as ort
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
 def runs_torch_on_cpu(spec: EncoderSpec) -> bool:
     """Whether `spec` serves with torch on the CPU: the torch backend, or the export's torch_bf16 variant."""
     if spec.backend == "torch":
-        if spec.device == "auto":
-            import torch
+        from embedpipe.models import detect_device
 
-            return not torch.cuda.is_available()
-        return spec.device == "cpu"
-    if spec.device in ("cuda", "tensorrt"):
-        return False
+        return detect_device(spec.device) == "cpu"
     try:
         variant = resolve_variant(spec.folder, spec.variant)
     except (ExportNotFound, ValueError):
         return False  # the encoder itself will say what is wrong
-    if variant != TORCH_VARIANT:
-        return False
-    if spec.device == "auto":
-        import onnxruntime as ort
-
-        return "CUDAExecutionProvider" not in ort.get_available_providers()
-    return True
+    return variant == TORCH_VARIANT and onnx_device(spec.device) == "cpu"
 
 
 def serving_plan(spec: EncoderSpec, workers: int | str, compile: bool | str, model_process: bool) -> tuple[int, bool]:
     """(model workers, torch.compile) for `serve.model_workers` / `serve.torch_compile`, `auto` resolved.
 
     auto = 2 workers under torch.compile when torch serves on the CPU and a C++ compiler is there (inductor needs
-    one); otherwise 1 worker, eager. Measured on 2 AMX cores, torch_bf16 at c=8: 83 inputs/s with one eager worker,
-    114 with two compiled ones, and c=1 46 vs 44 (docs/export-and-serve.md). ONNX variants keep one worker: two
-    one-thread workers cost them 40 % at c=1. More than 2 cores: unmeasured, still 2 workers (cores split evenly).
+    one); otherwise 1 worker, eager. Measured on 2 AMX cores, torch_bf16 at c=8: 90.8 inputs/s with one eager worker,
+    133.7 with two compiled ones; at c=1 54.4 vs 49.0 (docs/export-and-serve.md). ONNX variants keep one worker: two
+    one-thread workers cost them 41 % at c=1. More than 2 cores: unmeasured, still 2 workers (cores split evenly).
     """
     torch_cpu = runs_torch_on_cpu(spec)
     if compile == "auto":
@@ -162,6 +157,13 @@ def serving_plan(spec: EncoderSpec, workers: int | str, compile: bool | str, mod
     if workers > 1 and not model_process:
         raise ValueError(f"serve.model_workers {workers} needs the model process (serve.model_process: true)")
     return workers, compile
+
+
+def worker_spec(spec: EncoderSpec, workers: int, compile: bool) -> EncoderSpec:
+    """`spec` as each of `workers` model processes runs it: its share of the cores (unless threads are set) and
+    `compile`."""
+    threads = spec.threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0)
+    return replace(spec, threads=threads, compile=compile)
 
 
 def set_torch_threads(threads: int) -> None:

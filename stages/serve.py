@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 
 import click
 
@@ -60,7 +59,14 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     """
     from embedpipe.model_process import ModelProcessError, ProcessEncoder
     from embedpipe.models import ModelNotAvailable
-    from embedpipe.onnx_encoder import EncoderSpec, ExportNotFound, TorchEncoder, build_encoder, serving_plan
+    from embedpipe.onnx_encoder import (
+        EncoderSpec,
+        ExportNotFound,
+        TorchEncoder,
+        build_encoder,
+        serving_plan,
+        worker_spec,
+    )
     from embedpipe.server import ServerSettings, batch_tokens_for, create_app, run_server
 
     params = load_params(params_path)
@@ -82,9 +88,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
         )
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    if workers > 1 and not spec.threads:  # each worker gets its share of the cores
-        spec = replace(spec, threads=max(1, (os.cpu_count() or 1) // workers))
-    spec = replace(spec, compile=compile_torch)
+    spec = worker_spec(spec, workers, compile_torch)
     api_key = None
     if cfg.get("api_key_env"):
         api_key = os.environ.get(cfg["api_key_env"])
