@@ -34,7 +34,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -95,6 +95,25 @@ class ServerSettings:
     encode_batch_size: int = 16       # rows per model run inside a micro-batch (CPU ORT: 8-16 is fastest)
     api_key: str | None = None        # when set, /v1/* needs `Authorization: Bearer <key>`
     docs_enabled: bool = False        # /docs and /openapi.json (behind the key when one is set)
+    serving: dict[str, Any] = field(default_factory=dict)  # how the model runs (`serving_description`): GET /v1/models
+
+
+def serving_description(serving: dict[str, Any], pids: list[int] | None = None) -> str:
+    """One line for people (start-up line, deploy_check's summary) from the structured `serving` record."""
+    workers = serving.get("model_processes") or 0
+    where = "model in the server process"
+    if workers:
+        where = f"{workers} model process{'es' if workers > 1 else ''}"
+        if pids:
+            where += f" pid {', '.join(map(str, pids))}"
+        if workers > 1:
+            where += f", {serving['threads_per_process']} threads each"
+    if serving.get("compiled"):
+        where += ", torch.compile"
+    elif serving.get("compile_requested"):
+        where += ", torch.compile failed: eager"
+    return (f"{serving['variant']} on {serving['runtime']}, {serving['device']}, "
+            f"{serving['max_batch_tokens']} tokens per model call, {where}")
 
 
 class ApiError(Exception):
@@ -669,7 +688,8 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "embedpipe",
-                "dimension": encoder.dimension, "max_seq_length": token_limit, "backend": encoder.variant}
+                "dimension": encoder.dimension, "max_seq_length": token_limit, "backend": encoder.variant,
+                **({"serving": settings.serving} if settings.serving else {})}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

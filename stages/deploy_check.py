@@ -13,7 +13,6 @@ non-zero when a check fails.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from embedpipe.io import FormatError, load_beir, read_json, write_json
 from embedpipe.models import ModelNotAvailable, load_model
 from embedpipe.onnx_encoder import ExportNotFound, read_export_config
 from embedpipe.params import load_params, section
-from embedpipe.server import ServerProcess
+from embedpipe.server import ServerProcess, serving_description
 
 
 def smoke_test(base_url: str, model: str, api_key: str) -> int:
@@ -64,10 +63,13 @@ def stored_reference(cfg: dict[str, Any], export: dict[str, Any], sample: dict[s
     return (p, q), encode_counts().get(label, {}).get("encoded", 0)
 
 
-def start_line(log: str) -> str | None:
-    """How the server runs the model, from its start-up line: runtime, device, model processes, compilation."""
-    match = re.search(r"serving '[^']*' \((.*?)\) on http", " ".join(log.split()))
-    return match.group(1) if match else None
+def served_setup(base_url: str, model: str, api_key: str) -> dict[str, Any] | None:
+    """How the server runs the model (runtime, device, model processes, compilation), from its model card
+    (GET /v1/models/{model}, `serving`), read with the openai client; None from a server that does not say."""
+    from openai import OpenAI
+
+    card = OpenAI(base_url=base_url, api_key=api_key, max_retries=0).models.retrieve(model)
+    return (card.model_extra or {}).get("serving")
 
 
 @click.command()
@@ -121,14 +123,14 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
     server = ServerProcess(args, env=env, startup_timeout_s=float(cfg["startup_timeout_s"]))
     record: dict[str, Any] = {}
     vectors: dict[str, Any] = {}
-    served_as = None
+    serving: dict[str, Any] | None = None
     rc = 0
     try:
         with console.status("starting the server"):
             server.start()
         dimension = smoke_test(server.base_url, name, env["OPENAI_API_KEY"])
         console.print(f"server ready at {server.base_url} ('{name}', {variant}, dimension {dimension})")
-        served_as = start_line(server.log_tail(20_000))
+        serving = served_setup(server.base_url, name, env["OPENAI_API_KEY"])
         if not smoke_only:
             batch = min(32, int(scfg.get("max_inputs_per_request") or 32))
             vectors = check_vectors(server.base_url, name, env["OPENAI_API_KEY"], sample, reference,
@@ -159,8 +161,10 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
            f"test corpus has {n_corpus} passages > deploy.full_eval_max_passages ({full_max}): served vectors "
            "checked on the sample only, no full evaluation over HTTP")
     passed = bool(vectors.get("passed")) and (not full or (rc == 0 and bool(record.get("passed"))))
+    served_as = serving_description(serving) if serving else None
     result = {**record, "check": "sample+full" if full else "sample", "full_eval": full, "full_eval_reason": why,
-              "variant": variant, "served_as": served_as, "vector_check": vectors, "passed": passed,
+              "variant": variant, "serving": serving,
+              "served_as": served_as, "vector_check": vectors, "passed": passed,
               "wall_time_s": round(time.time() - started, 2)}
     write_json(out_path, result)
 

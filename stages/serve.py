@@ -67,7 +67,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
         serving_plan,
         worker_spec,
     )
-    from embedpipe.server import ServerSettings, batch_tokens_for, create_app, run_server
+    from embedpipe.server import ServerSettings, batch_tokens_for, create_app, run_server, serving_description
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")
@@ -105,6 +105,17 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
             batch_tokens = max_batch_tokens or batch_tokens_for(cfg["max_batch_tokens"], encoder.variant, str(encoder.device))
         except ValueError as e:
             raise click.ClickException(str(e)) from None
+        local = encoder.local if separate else encoder
+        serving = {
+            "variant": encoder.variant,
+            "runtime": "torch" if isinstance(local, TorchEncoder) else "onnxruntime",
+            "device": str(encoder.device),
+            "max_batch_tokens": batch_tokens,
+            "model_processes": workers if separate else 0,
+            "threads_per_process": spec.threads,
+            "compile_requested": bool(spec.compile),
+            "compiled": bool(getattr(encoder, "compiled", False)),
+        }
         settings = ServerSettings(
             model_name=model_name or cfg.get("model_name") or encoder.name,
             max_batch_size=max_batch_size or cfg["max_batch_size"],
@@ -123,25 +134,13 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
             encode_batch_size=cfg["encode_batch_size"],
             api_key=api_key,
             docs_enabled=bool(cfg["docs_enabled"]),
+            serving=serving,
         )
         host = host or cfg["host"]
         port = port or cfg["port"]
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             warn(f"binding {host} without an API key: anyone who can reach this port can use the model")
-        local = encoder.local if separate else encoder
-        runtime = "torch" if isinstance(local, TorchEncoder) else "onnxruntime"
-        where = "model in the server process"
-        if separate:
-            where = f"model process pid {encoder.pid}"
-            if workers > 1:
-                where = (f"{workers} model processes pid {', '.join(map(str, encoder.pids))}, "
-                         f"{spec.threads} threads each")
-        if getattr(encoder, "compiled", False):
-            where += ", torch.compile"
-        elif spec.compile:
-            where += ", torch.compile failed: eager"
-        console.print(f"serving '{settings.model_name}' ({encoder.variant} on {runtime}, {encoder.device}, "
-                      f"{settings.max_batch_tokens} tokens per model call, {where}) on "
+        console.print(f"serving '{settings.model_name}' ({serving_description(serving, encoder.pids if separate else None)}) on "
                       f"http://{host}:{port}/v1  (dimension {encoder.dimension}, max {encoder.max_seq_length} tokens)")
         code = run_server(create_app(encoder, settings), settings, host, port, log_level)
     finally:

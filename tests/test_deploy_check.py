@@ -71,7 +71,10 @@ def test_small_test_set_gets_sample_and_full_check_then_large_one_sample_only(ex
     proc, result = _deploy(exported, repo_root, tmp_path / "a")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert result["check"] == "sample+full" and result["full_eval"] is True and result["passed"] is True
-    assert result["served_as"].startswith("fp32 on onnxruntime, cpu, ") and "model process pid" in result["served_as"]
+    assert result["serving"] | {"max_batch_tokens": 0} == {  # the server's own record (GET /v1/models/{name})
+        "variant": "fp32", "runtime": "onnxruntime", "device": "cpu", "max_batch_tokens": 0, "model_processes": 1,
+        "threads_per_process": 0, "compile_requested": False, "compiled": False}
+    assert result["served_as"].startswith("fp32 on onnxruntime, cpu, ") and "1 model process" in result["served_as"]
     assert "21 passages <= deploy.full_eval_max_passages (2000)" in result["full_eval_reason"]
     vc = result["vector_check"]
     assert vc["passages"] == 8 and vc["queries"] == 21 and vc["passed"] and vc["cosine_min"] >= 0.999
