@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.io import atomic_open, passage_text
+from embedpipe.io import FormatError, atomic_open, passage_text, read_json
 from embedpipe.metrics import Qrels, aggregate, metric_names, per_query_metrics
 from embedpipe.retrieval import Run, retrieve
 
@@ -159,6 +159,43 @@ def gain_significance(
         "queries_worse": test.worse,
         "queries_tied": test.tied,
     }
+
+
+def per_query_rows(
+    queries: Mapping[str, dict[str, Any]], qrels: Qrels, results: Mapping[str, Result]
+) -> list[dict[str, Any]]:
+    """`per_query.jsonl`: one row per judged query, its SDG metadata and every model's metrics."""
+    return [
+        {
+            "query_id": qid,
+            "query_type": metadata_value(queries[qid], "query_type"),
+            "hop_count": metadata_value(queries[qid], "hop_count"),
+            **{label: r.per_query[qid] for label, r in results.items()},
+        }
+        for qid in qrels
+    ]
+
+
+def comparison_metrics(
+    queries: Mapping[str, dict[str, Any]], qrels: Qrels, corpus: Mapping[str, Any], results: Mapping[str, Result]
+) -> dict[str, Any]:
+    """`metrics/eval.json`: each model's metrics, and with two models the delta, its significance and the
+    regression flag (fine-tuned below base on nDCG@10); sizes and breakdowns by query type and hop count."""
+    scores = {label: r.metrics for label, r in results.items()}
+    per_query = {label: r.per_query for label, r in results.items()}
+    metrics: dict[str, Any] = dict(scores)
+    if len(results) == 2:
+        metrics["delta"] = delta(scores["base"], scores["finetuned"])
+        metrics["significance"] = gain_significance(queries, per_query["base"], per_query["finetuned"])
+        metrics["regression"] = scores["finetuned"][HEADLINE] < scores["base"][HEADLINE]
+    metrics.update(
+        queries=len(qrels),
+        passages=len(corpus),
+        dimension=next(iter(results.values())).dimension,
+        by_query_type=breakdown(queries, per_query, "query_type"),
+        by_hop_count=breakdown(queries, per_query, "hop_count"),
+    )
+    return metrics
 
 
 def most_changed(base: PerQuery, finetuned: PerQuery, n: int = 10, metric: str = HEADLINE) -> tuple[list, list]:
@@ -323,6 +360,23 @@ def write_report(
 def tolerance_for(metric: str, tolerance_at_1: float, tolerance: float) -> float:
     """The recipe's conversion-noise allowance: looser at @1 (one swap moves it a lot), tighter at @5+."""
     return tolerance_at_1 if metric.endswith("@1") else tolerance
+
+
+def reference_from_file(path: str, n_queries: int, n_passages: int) -> tuple[dict[str, float], int | None]:
+    """The fine-tuned metrics of an earlier eval (`metrics/eval.json`) and its dimension, refused when they were
+    computed on another test set (another number of queries or passages)."""
+    data = read_json(path)
+    block = data.get("finetuned") if isinstance(data, dict) else None
+    if not isinstance(block, dict) or not block:
+        raise FormatError(f"{path}: no 'finetuned' metrics block to compare with (run the eval stage first)")
+    for key, here in (("queries", n_queries), ("passages", n_passages)):
+        if key in data and data[key] != here:
+            raise FormatError(
+                f"{path}: reference was computed on {data[key]} {key}, this test set has {here}: "
+                "compare on the same --beir-dir, or use --reference-model"
+            )
+    dim = data.get("dimension")
+    return block, int(dim) if isinstance(dim, int) else None
 
 
 def compare_with_reference(

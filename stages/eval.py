@@ -16,21 +16,20 @@ from embedpipe.endpoint import EmbeddingEndpoint, EndpointError
 from embedpipe.evaluation import (
     HEADLINE,
     Result,
-    breakdown,
     compare_with_reference,
     comparison_lines,
-    delta,
+    comparison_metrics,
     display_name,
     evaluate_embedder,
-    gain_significance,
-    metadata_value,
     model_embedder,
+    per_query_rows,
     plot_comparison,
+    reference_from_file,
     write_plot_csv,
     write_report,
     write_trec_run,
 )
-from embedpipe.io import FormatError, load_beir, read_json, write_json, write_jsonl
+from embedpipe.io import FormatError, load_beir, write_json, write_jsonl
 from embedpipe.models import ModelNotAvailable
 from embedpipe.params import ParamsError, load_params, section
 
@@ -232,20 +231,9 @@ def run_models(
     out = Path(out_dir)
     for label, result in results.items():
         write_trec_run(out / f"run_{label}.trec", result.run, label)
-    write_jsonl(
-        out / "per_query.jsonl",
-        (
-            {
-                "query_id": qid,
-                "query_type": metadata_value(queries[qid], "query_type"),
-                "hop_count": metadata_value(queries[qid], "hop_count"),
-                **{label: r.per_query[qid] for label, r in results.items()},
-            }
-            for qid in qrels
-        ),
-    )
-    per_query = {label: r.per_query for label, r in results.items()}
-    breakdowns = {field: breakdown(queries, per_query, field) for field in ("query_type", "hop_count")}
+    write_jsonl(out / "per_query.jsonl", per_query_rows(queries, qrels, results))
+    metrics = comparison_metrics(queries, qrels, corpus, results)
+    breakdowns = {"query_type": metrics["by_query_type"], "hop_count": metrics["by_hop_count"]}
     write_report(
         out / "report.md",
         beir_dir=beir_dir,
@@ -261,22 +249,8 @@ def run_models(
     scores = {label: r.metrics for label, r in results.items()}
     plot_comparison(out / "eval_plot.png", scores, f"Retrieval on {len(qrels)} test queries")
     write_plot_csv(Path(metrics_path).with_name(Path(metrics_path).stem + "_plot.csv"), scores)
-
-    metrics: dict[str, Any] = dict(scores)
-    regression = False
-    if len(results) == 2:
-        metrics["delta"] = delta(scores["base"], scores["finetuned"])
-        metrics["significance"] = gain_significance(queries, per_query["base"], per_query["finetuned"])
-        regression = scores["finetuned"][HEADLINE] < scores["base"][HEADLINE]
-        metrics["regression"] = regression
-    metrics.update(
-        queries=len(qrels),
-        passages=len(corpus),
-        dimension=next(iter(results.values())).dimension,
-        by_query_type=breakdowns["query_type"],
-        by_hop_count=breakdowns["hop_count"],
-    )
     write_json(metrics_path, metrics)
+    regression = bool(metrics.get("regression"))
 
     if len(results) == 2:
         click.echo("Comparison (base → fine-tuned)")
@@ -324,18 +298,8 @@ def load_reference(
             warn("no --reference or --reference-model given and no metrics/eval.json: reporting metrics only")
             return None, "none", None
         reference_path = "metrics/eval.json"
-    data = read_json(reference_path)
-    block = data.get("finetuned") if isinstance(data, dict) else None
-    if not isinstance(block, dict) or not block:
-        raise FormatError(f"{reference_path}: no 'finetuned' metrics block to compare with (run the eval stage first)")
-    for key, here in (("queries", len(qrels)), ("passages", len(corpus))):
-        if key in data and data[key] != here:
-            raise FormatError(
-                f"{reference_path}: reference was computed on {data[key]} {key}, this test set has {here}: "
-                "compare on the same --beir-dir, or use --reference-model"
-            )
-    dim = data.get("dimension")
-    return block, f"{reference_path} (finetuned)", int(dim) if isinstance(dim, int) else None
+    metrics, dim = reference_from_file(reference_path, len(qrels), len(corpus))
+    return metrics, f"{reference_path} (finetuned)", dim
 
 
 def run_endpoint(
