@@ -6,13 +6,14 @@ the `sdg` params into jobs, asks the LLM, and builds the `data/sdg/qa.jsonl` rec
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
 from embedpipe import sdg
 from embedpipe.io import passage_text
-from embedpipe.llm import LLMClient, Result
+from embedpipe.llm import BUDGET_SPENT, LLMClient, Result
 from embedpipe.progress import progress
 
 
@@ -96,6 +97,41 @@ def generate(client: LLMClient, corpus: dict[str, dict], job: dict[str, Any], co
         return client.ask(req, sdg.parse_chat_qa)
     req = client.build(prompt=sdg.completion_prompt(texts, job["seed"]), stop=sdg.COMPLETION_STOP, seed=job["seed"])
     return client.ask(req, sdg.parse_completion_qa)
+
+
+def failure_kind(error: str) -> str:
+    """'timeout: read timed out (attempt 3)' -> 'timeout': the key of metrics/sdg.json `failures_by_kind`."""
+    return error.split(":")[0].split(" (")[0]
+
+
+def generate_pairs(
+    client: LLMClient, corpus: dict[str, dict], jobs: list[dict[str, Any]], generator: str, compact: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter, int]:
+    """Ask the LLM for every job (with a progress bar) -> (records, rejected failures, failures by kind, jobs the
+    time budget left unasked). Jobs are in spread order, so a budget cut keeps a spread over the corpus."""
+    results: dict[int, Result] = {}
+    n_ok = not_run = 0
+    with progress(len(jobs), "sdg generate", unit="req") as bar:
+        for i, res in client.map(lambda j: generate(client, corpus, j, compact), jobs, progress=bar):
+            results[i] = res
+            n_ok += res.ok
+            if not res.ok and res.error == BUDGET_SPENT:
+                not_run += 1
+            bar.set_postfix(pairs=n_ok, cut_by_budget=not_run)
+    records: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    failures: Counter = Counter()
+    for i, job in enumerate(jobs):
+        res = results[i]
+        if not res.ok and res.error == BUDGET_SPENT:
+            continue  # never asked: not a rejection, counted in not_run
+        if not res.ok:
+            failures["generate:" + failure_kind(res.error)] += 1
+            rejected.append({"segment_ids": job["segment_ids"], "query_type": job["query_type"],
+                             "generator": generator, "raw": res.text, "reason": f"llm failure: {res.error}"})
+            continue
+        records.append(to_record(job, res.value, corpus, generator))
+    return records, rejected, failures, not_run
 
 
 def judge(client: LLMClient, corpus: dict[str, dict], pair: dict[str, Any]) -> Result:

@@ -13,7 +13,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
@@ -22,13 +21,12 @@ from embedpipe import sdg
 from embedpipe.console import alert, summary, warn
 from embedpipe.embed_store import encode_cached
 from embedpipe.io import FormatError, load_corpus, passage_text, write_json, write_jsonl
-from embedpipe.llm import BUDGET_SPENT, LLMClient, LLMConfig, LLMFatalError, RequestCache, Result
+from embedpipe.llm import LLMClient, LLMConfig, LLMFatalError, RequestCache
 from embedpipe.llm_server import EmbeddedServer, ServerError, model_file, recommended_api
 from embedpipe.models import ModelNotAvailable, load_model
 from embedpipe.params import ParamsError, load_params, section
-from embedpipe.progress import progress
-from embedpipe.retrieval import search
-from embedpipe.sdg_jobs import generate, inverse_cloze_records, judge, plan_jobs, to_record
+from embedpipe.sdg_gates import CandidatePool
+from embedpipe.sdg_jobs import generate_pairs, inverse_cloze_records, plan_jobs
 
 
 @click.command()
@@ -70,8 +68,7 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
     llm_cfg = cfg["llm"]
     gates = cfg["gates"]
     jobs = plan_jobs(corpus, cfg) if llm_cfg.get("enabled", True) else []
-    candidates: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
+    pool = CandidatePool()
     failures: Counter = Counter()
     budget_cut: Counter = Counter(jobs_not_run=0, judge_not_run=0)
     client: LLMClient | None = None
@@ -113,113 +110,43 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
             )
             client.set_time_budget(float(llm_cfg.get("time_budget_s") or 0))
             compact = server is not None if schema == "auto" else schema == "compact"
-            # 1. generation (jobs are in spread order: a budget cut keeps a spread over the corpus)
-            results: dict[int, Result] = {}
-            n_ok = 0
-            with progress(len(jobs), "sdg generate", unit="req") as bar:
-                for i, res in client.map(lambda j: generate(client, corpus, j, compact), jobs, progress=bar):
-                    results[i] = res
-                    n_ok += res.ok
-                    if not res.ok and res.error == BUDGET_SPENT:
-                        budget_cut["jobs_not_run"] += 1
-                    bar.set_postfix(pairs=n_ok, cut_by_budget=budget_cut["jobs_not_run"])
-            for i, job in enumerate(jobs):
-                res = results[i]
-                if not res.ok and res.error == BUDGET_SPENT:
-                    continue  # never asked: not a rejection, counted in jobs_not_run
-                if not res.ok:
-                    failures["generate:" + res.error.split(":")[0].split(" (")[0]] += 1
-                    rejected.append({"segment_ids": job["segment_ids"], "query_type": job["query_type"],
-                                     "generator": generator, "raw": res.text, "reason": f"llm failure: {res.error}"})
-                    continue
-                candidates.append(to_record(job, res.value, corpus, generator))
+            # 1. generation
+            pool.candidates, pool.rejected, failures, budget_cut["jobs_not_run"] = generate_pairs(
+                client, corpus, jobs, generator, compact)
 
-        removed: dict[str, int] = {}
         ict = cfg["inverse_cloze"]
-
-        def drop(keep: list[bool], gate: str, reasons: list[str] | None = None) -> None:
-            nonlocal candidates
-            removed[gate] = removed.get(gate, 0) + keep.count(False)
-            for n, (c, k) in enumerate(zip(candidates, keep, strict=True)):
-                if not k:
-                    slim = {key: v for key, v in c.items() if key != "positive_texts"}
-                    rejected.append({**slim, "reason": f"{gate}: {reasons[n]}" if reasons else gate})
-            candidates = [c for c, k in zip(candidates, keep, strict=True) if k]
-
-        def text_gates() -> None:
-            """junk, then context (LLM questions that point at "this module" instead of naming it); idempotent."""
-            if gates["junk"]["enabled"]:
-                reasons = [sdg.junk_reason(c, [passage_text(corpus[i]) for i in c["segment_ids"]], gates["junk"])
-                           for c in candidates]
-                drop([r is None for r in reasons], "junk", [r or "" for r in reasons])
-            ctx_cfg = gates.get("context") or {"enabled": False}
-            if ctx_cfg.get("enabled", True):
-                grounding = bool(ctx_cfg.get("grounding", True))
-                reasons = [None if c["generator"] == "inverse_cloze" else sdg.context_reason(
-                    c["question"], [passage_text(corpus[i]) for i in c["segment_ids"]], grounding) for c in candidates]
-                drop([r is None for r in reasons], "context", [r or "" for r in reasons])
+        max_share = float(ict.get("max_share", 1.0))
 
         def ict_cap() -> int | None:
-            n_llm = sum(c["generator"] != "inverse_cloze" for c in candidates)
-            return sdg.cap_share(n_llm, float(ict.get("max_share", 1.0))) if llm_cfg.get("enabled", True) else None
+            return sdg.cap_share(pool.llm_pairs(), max_share) if llm_cfg.get("enabled", True) else None
 
         # 2. junk + context on the LLM pairs
-        generated = Counter(c["query_type"] for c in candidates)
-        text_gates()
+        generated = Counter(c["query_type"] for c in pool.candidates)
+        pool.text_gates(corpus, gates)
         # 3. inverse cloze (no LLM), a supplement: only as many as the cap allows (x2: slack for the later gates)
         if ict.get("enabled", True):
             cap = ict_cap()
-            if cap is None and jobs and float(ict.get("max_share", 1.0)) < 1:
+            if cap is None and jobs and max_share < 1:
                 warn("no LLM pair passed the text gates: inverse cloze is not capped (it is all there is)")
             ict_recs = inverse_cloze_records(corpus, ict, cfg.get("seed", 0), limit=None if cap is None else 2 * cap)
             generated["inverse_cloze"] += len(ict_recs)
-            candidates.extend(ict_recs)
-            text_gates()
+            pool.candidates.extend(ict_recs)
+            pool.text_gates(corpus, gates)
         # 4. dedup + 5. retrieval consistency (base embedder)
-        q_emb = encode_cached(embedder, [c["question"] for c in candidates], mcfg.get("query_prompt", ""),
+        q_emb = encode_cached(embedder, [c["question"] for c in pool.candidates], mcfg.get("query_prompt", ""),
                               desc="sdg: questions", kind="query")
-        if gates["dedup"]["enabled"] and candidates:
-            mask = sdg.dedup_mask(q_emb, float(gates["dedup"]["threshold"]))
-            drop(mask.tolist(), "dedup")
-            q_emb = q_emb[mask]
-        if gates["retrieval"]["enabled"] and candidates:
-            k = int(gates["retrieval"]["top_k"])
-            _, top = search(q_emb, corpus_emb, k)
-            keep = [any(row[s] in set(t.tolist()) for s in c["segment_ids"]) for c, t in zip(candidates, top, strict=True)]
-            drop(keep, "retrieval", [f"no positive in base-embedder top-{k}"] * len(candidates))
-        # 6. LLM judge (LLM pairs only; inverse-cloze pairs have no answer to judge)
+        if gates["dedup"]["enabled"]:
+            q_emb = pool.dedup(q_emb, float(gates["dedup"]["threshold"]))
+        if gates["retrieval"]["enabled"]:
+            pool.retrieval(q_emb, corpus_emb, row, int(gates["retrieval"]["top_k"]))
+        # 6. LLM judge (LLM pairs only)
         jcfg = gates["judge"]
-        judged = [n for n, c in enumerate(candidates) if c["generator"] != "inverse_cloze"]
         judge_on = (server is None) if jcfg["enabled"] == "auto" else bool(jcfg["enabled"])
-        if judge_on and client is not None and judged:
-            keep = [True] * len(candidates)
-            reasons = [""] * len(candidates)
-            with progress(len(judged), "sdg judge", unit="req") as bar:
-                for n, res in client.map(lambda m: judge(client, corpus, candidates[m]), judged, progress=bar):
-                    c = candidates[judged[n]]
-                    if not res.ok and res.error == BUDGET_SPENT:
-                        budget_cut["judge_not_run"] += 1
-                        keep[judged[n]], reasons[judged[n]] = False, "not judged: sdg.llm.time_budget_s spent"
-                        continue
-                    if not res.ok:
-                        failures["judge:" + res.error.split(":")[0].split(" (")[0]] += 1
-                        keep[judged[n]], reasons[judged[n]] = False, f"judge failed: {res.error}"
-                        continue
-                    c["scores"] = {k: v for k, v in res.value.items() if k != "justification"}
-                    c["quality_score"] = float(res.value["overall"])
-                    if res.value.get("justification"):
-                        c["judge_justification"] = res.value["justification"]
-                    if not sdg.judge_passes(res.value, float(jcfg["threshold"]), jcfg.get("floors") or {}):
-                        keep[judged[n]] = False
-                        reasons[judged[n]] = "scores " + " ".join(f"{k}={v}" for k, v in c["scores"].items())
-            drop(keep, "judge", reasons)
+        if judge_on and client is not None:
+            budget_cut["judge_not_run"] = pool.judge(client, corpus, jcfg, failures)
         cap = ict_cap() if ict.get("enabled", True) else None
-        if cap is not None:  # exactly max_share now that every gate has run; spread order: keep the first ones
-            seen, keep = 0, []
-            for c in candidates:
-                seen += c["generator"] == "inverse_cloze"
-                keep.append(c["generator"] != "inverse_cloze" or seen <= cap)
-            drop(keep, "inverse_cloze_cap", [f"over max_share {ict.get('max_share')} of accepted pairs"] * len(keep))
+        if cap is not None:  # exactly max_share now that every gate has run
+            pool.cap_inverse_cloze(cap, ict.get("max_share"))
     except LLMFatalError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
@@ -231,8 +158,9 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         cache.close()
 
     out = Path(out_dir)
+    candidates = pool.candidates
     write_jsonl(out / "qa.jsonl", candidates)
-    write_jsonl(out / "rejected.jsonl", rejected)
+    write_jsonl(out / "rejected.jsonl", pool.rejected)
     total_generated = sum(generated.values())
     scored = [c["scores"] for c in candidates if c.get("scores")]
     stats = client.stats.as_dict() if client else {}
@@ -246,7 +174,7 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         "failures_by_kind": dict(failures),
         "generated": total_generated,
         "generated_by_type": dict(generated),
-        "removed_by_gate": removed,
+        "removed_by_gate": pool.removed,
         "time_budget_s": float(llm_cfg.get("time_budget_s") or 0),
         "jobs_not_run": budget_cut["jobs_not_run"],
         "judge_not_run": budget_cut["judge_not_run"],
@@ -272,7 +200,7 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         **({"LLM jobs cut by time budget": budget_cut["jobs_not_run"]} if budget_cut["jobs_not_run"] else {}),
         **({"pairs not judged (budget)": budget_cut["judge_not_run"]} if budget_cut["judge_not_run"] else {}),
         "cache hits": stats.get("cache_hits", 0), "failures": sum(failures.values()), "generated": total_generated,
-        **{f"removed by {g}": n for g, n in removed.items()},
+        **{f"removed by {g}": n for g, n in pool.removed.items()},
         "accepted": len(candidates), "acceptance rate": metrics["acceptance_rate"],
         "accepted (LLM)": metrics["accepted_llm"], "wall time s": metrics["wall_time_s"],
     })
