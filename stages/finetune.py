@@ -20,27 +20,23 @@ import click
 
 from embedpipe.console import alert, summary, warn
 from embedpipe.io import FormatError, load_corpus, read_jsonl, write_json
+from embedpipe.losses import check_params, needs_teacher
 from embedpipe.models import ModelNotAvailable, detect_device, load_model
 from embedpipe.params import ParamsError, load_params, section
 from embedpipe.training import (
     apply_wise,
-    build_training_table,
-    check_params,
     effective_params,
     is_main_process,
     make_evaluator,
-    needs_teacher,
-    oversample_llm_questions,
     plan_training,
     regression_note,
     run_outputs,
     set_attention_dropout,
-    teacher_scored,
     train,
-    validation_set,
     world_size,
     write_model_card,
 )
+from embedpipe.training_data import build_training_table, oversample_llm_questions, teacher_scored, validation_set
 
 
 def _relaunch_distributed(cfg: dict) -> int | None:

@@ -12,24 +12,18 @@ from finetune_helpers import VAL_QUESTIONS, write_prep
 
 from embedpipe.embed_store import read_encode_log
 from embedpipe.io import load_corpus, read_jsonl
+from embedpipe.losses import ContrastivePlusDistillation, HardNegativeSoftmaxLoss, check_params, make_loss
 from embedpipe.training import (
     METRIC,
-    ContrastivePlusDistillation,
-    HardNegativeSoftmaxLoss,
     TimeBudget,
     budget_schedule,
-    build_training_table,
-    check_params,
     choose_alpha,
     interpolate_state,
     make_evaluator,
-    make_loss,
-    oversample_llm_questions,
     set_attention_dropout,
-    teacher_scored,
     use_bf16,
-    validation_set,
 )
+from embedpipe.training_data import build_training_table, oversample_llm_questions, teacher_scored, validation_set
 
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 

@@ -14,15 +14,10 @@ from conftest import REPO_ROOT, stage_env
 from finetune_helpers import tiny_params, write_prep
 
 from embedpipe.io import load_corpus, passage_text, read_jsonl
+from embedpipe.losses import HardNegativeSoftmaxLoss
 from embedpipe.models import encode, load_model
-from embedpipe.training import (
-    HardNegativeSoftmaxLoss,
-    build_training_table,
-    make_evaluator,
-    plan_training,
-    train,
-    validation_queries,
-)
+from embedpipe.training import make_evaluator, plan_training, train
+from embedpipe.training_data import build_training_table, validation_queries
 
 pytestmark = pytest.mark.slow
 PROMPTS = {"query": "query: ", "passage": "passage: "}

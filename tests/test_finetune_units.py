@@ -7,14 +7,9 @@ import math
 import pytest
 import torch
 
-from embedpipe.training import (
-    HardNegativeSoftmaxLoss,
-    build_training_table,
-    effective_params,
-    pick_negatives,
-    plan_training,
-    validation_queries,
-)
+from embedpipe.losses import HardNegativeSoftmaxLoss
+from embedpipe.training import effective_params, plan_training
+from embedpipe.training_data import build_training_table, pick_negatives, validation_queries
 
 CFG = {
     "small_data_threshold": 2000,

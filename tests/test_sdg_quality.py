@@ -14,7 +14,7 @@ from embedpipe.llm_server import ServerError, SplitGGUF, assemble_split
 from embedpipe.mining import Mined, unroll
 from embedpipe.sdg_jobs import generate, inverse_cloze_records, plan_jobs, spread_order, to_record
 from embedpipe.text import is_code_line, query_sentences, remove_span, sentences
-from embedpipe.training import build_training_table
+from embedpipe.training_data import build_training_table
 from tests.sdg_helpers import FakeLLM
 from tests.test_sdg import fake_params, run_stage
 
