@@ -14,14 +14,17 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # Reinstall only when the requirements or the llama.cpp build flags change.
 # Native build without ggml's AMX kernels: on Sapphire Rapids-class CPUs (AMX) ggml_backend_amx_mul_mat segfaults
 # on the first Gemma Q4_K_M request (ggml-org/llama.cpp#20824; measured here: SIGSEGV, the SDG then got no LLM question).
-NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+# Only where the compiler targets x86-64: gcc for aarch64 rejects these flags (override: make setup TARGET_ARCH=...).
+TARGET_ARCH ?= $(shell $(CC) -dumpmachine 2>/dev/null || uname -m)
+NO_AMX := $(if $(findstring x86_64,$(TARGET_ARCH)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 STAMP := $(VENV)/.setup-$(shell (cat requirements.txt requirements-llm.txt requirements-teacher.txt pyproject.toml; \
 	echo "$(LLAMA_CMAKE_ARGS)") | sha256sum | cut -c1-16)
 
-.PHONY: help setup setup-qwen run test lint bench bench-serve bench-quality bench-quality-args serve push pull clean
+.PHONY: help setup setup-qwen run test lint bench bench-serve bench-quality bench-quality-args bench-suite \
+	bench-suite-data serve push pull clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -70,6 +73,16 @@ bench-quality-args:  # checked before setup, so a forgotten BENCH costs nothing
 	@test -n "$(BENCH)" || { echo "usage: make bench-quality BENCH=/path/to/built/django-faq [ARGS='--seeds 3 -S key=value']" >&2; \
 		echo "BENCH is a folder with docs/ and beir/ (../shared/bench/django-faq/build.py OUT builds one); see docs/quality.md" >&2; \
 		exit 2; }
+
+# The five-domain suite (225 human questions): django-faq, celery, sqlalchemy, sqlite, zsh; hours per seed on 2 cores.
+SUITE ?= bench/suite
+bench-suite-data:  ## Build the five-domain suite's benchmarks into SUITE (default bench/suite; needs ../shared/bench)
+	python3 ../shared/bench/faq-bench/build.py "$(SUITE)" --deb-dir "$(SUITE)/.debs"
+	python3 ../shared/bench/django-faq/build.py "$(SUITE)/django-faq"
+
+bench-suite: setup  ## Fine-tuned vs base on all five domains: make bench-suite [SUITE=DIR] [ARGS="--seeds 3 --keep"]
+	@test -d "$(SUITE)" || { echo "no suite at $(SUITE): run make bench-suite-data SUITE=$(SUITE) first" >&2; exit 2; }
+	python bench/bench_quality.py --suite "$(SUITE)" $(ARGS)
 
 serve: setup  ## Serve models/onnx on http://127.0.0.1:8000/v1/embeddings
 	python stages/serve.py

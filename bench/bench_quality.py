@@ -44,9 +44,13 @@ from embedpipe.documents import DocumentsError, discover  # noqa: E402
 from embedpipe.io import FormatError, load_beir, read_json, read_jsonl, write_json  # noqa: E402
 from embedpipe.significance import paired_bootstrap_ci, sign_flip_test  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from suite_report import HELD_OUT  # noqa: E402
+
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
 SEEDED = ("sdg.seed", "prep.seed", "finetune.seed")
 SEED_STAGES = ("sdg", "prep", "finetune", "eval")
+DEFAULT_OUT = str(ROOT / "bench" / "results" / "quality.json")
 STATE = "bench_quality_state.json"  # marks a workspace this script owns; records finished stages (resume)
 
 
@@ -392,6 +396,11 @@ def run_all(
 ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, float], dict[str, float], int | None, float]:
     """chunk and base eval once, then sdg -> prep -> finetune -> eval per seed; returns what the table needs."""
     runner = Runner(work, env, verbose, ["chunk", "eval"] + list(SEED_STAGES) * len(seeds), [docs, beir])
+    # chunk and the base eval read the params as given (seed 0): they do not depend on the seed, so a later call
+    # with other seeds reuses them
+    unseeded = work / "params" / "unseeded.yaml"
+    unseeded.parent.mkdir(parents=True, exist_ok=True)
+    unseeded.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     params_files, seed_values = [], []
     for k in seeds:
         p, values = seeded_params(params, k)
@@ -406,13 +415,13 @@ def run_all(
     chunk_s, chunk_ran = runner.run(
         "chunk", "chunk", "chunk",
         ["--docs-dir", str(docs), "--out", str(chunks), "--metrics", str(work / "metrics" / "chunk.json")],
-        params_files[0], [corpus],
+        unseeded, [corpus],
     )  # fmt: skip
     base_s, _ = runner.run(
         "eval_base", "base model eval", "eval",
         ["--beir-dir", str(beir), "--models-only", "base", "--out-dir", str(base_dir),
          "--metrics", str(base_dir / "eval.json")],
-        params_files[0], [base_dir / "per_query.jsonl", base_dir / "eval.json"],
+        unseeded, [base_dir / "per_query.jsonl", base_dir / "eval.json"],
     )  # fmt: skip
     base_eval = read_json(base_dir / "eval.json")
     base_block = base_eval["base"]
@@ -457,6 +466,8 @@ def run_all(
             "saved_model": train.get("saved_model"),
             "train_examples": train.get("examples"),
             "steps": train.get("steps"),
+            "steps_planned": train.get("steps_planned"),
+            "bf16": bool(train.get("bf16")) or bool((read_json(m / "prep.json").get("teacher") or {}).get("bf16")),
             "sdg_accepted": sdg_m.get("accepted"),
             "sdg_accepted_llm": sdg_m.get("accepted_llm"),
             "stage_times_s": {s: round(t, 1) for s, t in times.items()},
@@ -475,12 +486,117 @@ def run_all(
     return per_seed, base_block, base_pq, once, base_eval.get("passages"), runner.reused_s
 
 
+# --- the five-domain suite ----------------------------------------------------------------------------
+
+
+def suite_domains(suite: Path) -> list[tuple[str, Path, Path]]:
+    """(name, docs, beir) of every built benchmark under `suite` (a sub-folder with docs/ and beir/), by name."""
+    if not suite.is_dir():
+        raise BenchError(f"--suite {suite}: folder not found (build one: make bench-suite-data SUITE={suite})")
+    found = []
+    for sub in sorted(p for p in suite.iterdir() if p.is_dir()):
+        if (sub / "docs").is_dir() and (sub / "beir").is_dir():
+            docs, beir, name = resolve_inputs(str(sub), None, None)
+            found.append((name, docs, beir))
+    if not found:
+        raise BenchError(f"--suite {suite}: no sub-folder holds docs/ and beir/ (see bench/README or docs/quality.md)")
+    return found
+
+
+def mpnet_zero_shot(work: Path, env: dict[str, str], verbose: bool, params: dict[str, Any], beir: Path,
+                    docs: Path) -> dict[str, float]:
+    """all-mpnet-base-v2's per-query nDCG@10 on `beir`, zero-shot (fp32; once per domain, reused from the state)."""
+    runner = Runner(work, env, verbose, ["eval"], [docs, beir])
+    p = copy.deepcopy(params)
+    set_dotted(p, "model.base_model", "all-mpnet-base-v2", warn_new=False)
+    path = work / "params" / "mpnet.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
+    out = work / "eval_mpnet"
+    runner.run("eval_mpnet", "all-mpnet-base-v2 zero-shot eval", "eval",
+               ["--beir-dir", str(beir), "--models-only", "base", "--out-dir", str(out),
+                "--metrics", str(out / "eval.json")], path, [out / "per_query.jsonl"])  # fmt: skip
+    return read_per_query(out / "per_query.jsonl", "base")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it computes bf16 natively (what decides which path `auto` takes)."""
+    from embedpipe.models import cpu_has_bf16
+
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {'native bf16' if cpu_has_bf16() else 'no native bf16'}"
+
+
+def run_suite(
+    suite: Path, seeds: list[int], params: dict[str, Any], applied: dict[str, Any], work: Path, cache: Path,
+    env: dict[str, str], verbose: bool, held_out: tuple[str, ...], mpnet: bool, out: Path,
+) -> dict[str, Any]:
+    """Every domain's pipeline, seed by seed (all domains of seed 0 first, so a stopped run still has a complete
+    seed), then mpnet zero-shot per domain; writes `out` (.json and .md) after each finished seed."""
+    from suite_report import DomainRun, markdown as suite_markdown, suite_result
+
+    domains = suite_domains(suite)
+    runs = {name: DomainRun(name, {}, {}) for name, _, _ in domains}
+    bf16 = False
+    started = time.time()
+
+    def write(done: list[int]) -> dict[str, Any]:
+        result = {
+            **suite_result(list(runs.values()), held_out),
+            "complete": done == seeds and (not mpnet or all(r.mpnet for r in runs.values())),
+            "cpu": cpu_name(), "bf16": bf16, "overrides": applied, "commit": git_commit(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_time_s": round(time.time() - started, 1), "suite_dir": str(suite),
+            "command": " ".join(["python", "bench/bench_quality.py", *sys.argv[1:]]),
+            "base_per_query_ndcg@10": {r.name: r.base for r in runs.values()},
+            "finetuned_per_query_ndcg@10": {r.name: {str(s): v for s, v in r.finetuned.items()} for r in runs.values()},
+        }  # fmt: skip
+        write_json(out, result)
+        out.with_suffix(".md").write_text(suite_markdown(result), encoding="utf-8")
+        return result
+
+    result: dict[str, Any] = {}
+    for i, k in enumerate(seeds):
+        for j, (name, docs, beir) in enumerate(domains):
+            click.echo(f"== suite: seed {k} ({i + 1}/{len(seeds)}), {name} ({j + 1}/{len(domains)})", err=True)
+            per_seed, _, base_pq, *_ = run_all(work / name, env, verbose, params, [k], docs, beir, cache)
+            row, run = per_seed[0], runs[name]
+            run.base = base_pq
+            run.finetuned[k] = row["per_query_ndcg@10"]
+            run.steps_taken[k], run.steps_planned[k] = row["steps"], row["steps_planned"]
+            bf16 = bf16 or row["bf16"]
+        result = write(seeds[: i + 1])
+        click.echo(f"suite after seed {k}: pooled {result['mean_gain_pct']:+.2f}% (p {result['p_value']:.4f})", err=True)
+    if mpnet:
+        for name, docs, beir in domains:
+            runs[name].mpnet = mpnet_zero_shot(work / name, env, verbose, params, beir, docs)
+        result = write(seeds)
+    return result
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bench", "bench_dir", default=None, metavar="DIR", help="Built benchmark: DIR/docs and DIR/beir.")
+@click.option(
+    "--suite", "suite_dir", default=None, metavar="DIR",
+    help="Every built benchmark under DIR (one per sub-folder), a model per domain; writes bench/results/suite.json.",
+)
+@click.option(
+    "--held-out", default=",".join(HELD_OUT), show_default=True, metavar="NAMES",
+    help="--suite: comma-separated domains reported as the held-out split (confirm there; never tune there).",
+)
+@click.option("--mpnet/--no-mpnet", default=True, show_default=True,
+              help="--suite: also score all-mpnet-base-v2 zero-shot per domain (the bar for a 22M model).")
 @click.option("--docs", "docs_dir", default=None, metavar="DIR", help="Documents to train on [default: BENCH/docs].")
 @click.option(
     "--beir", "beir_dir", default=None, metavar="DIR", help="Human-labeled BEIR folder [default: BENCH/beir]."
@@ -507,14 +623,17 @@ def _interrupt(signum: int, frame: Any) -> None:
 @click.option(
     "--out",
     "out_path",
-    default=str(ROOT / "bench" / "results" / "quality.json"),
+    default=DEFAULT_OUT,
     show_default=True,
-    help="Result JSON; the Markdown table goes next to it (.md).",
+    help="Result JSON; the Markdown table goes next to it (.md) [--suite: bench/results/suite.json].",
 )
 @click.option("--name", default=None, help="Benchmark name in the result [default: the --bench folder's name].")
 @click.option("--verbose", is_flag=True, help="Show the stages' own output instead of only logging it.")
 def main(
     bench_dir: str | None,
+    suite_dir: str | None,
+    held_out: str,
+    mpnet: bool,
     docs_dir: str | None,
     beir_dir: str | None,
     seeds: int,
@@ -530,7 +649,10 @@ def main(
 ) -> None:
     """Fine-tune on real documents for several seeds and compare with the base model on human queries."""
     started = time.time()
-    docs, beir, bench_name = resolve_inputs(bench_dir, docs_dir, beir_dir)
+    if suite_dir and (bench_dir or docs_dir or beir_dir):
+        raise BenchError("--suite runs every benchmark under its folder: give it without --bench/--docs/--beir")
+    if not suite_dir:
+        docs, beir, bench_name = resolve_inputs(bench_dir, docs_dir, beir_dir)
     try:
         params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
@@ -557,13 +679,27 @@ def main(
         DVC_NO_ANALYTICS="1",
     )
     env.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed bench stops its running stage and keeps the workspace
+    if suite_dir:
+        out = Path(out_path) if out_path != DEFAULT_OUT else ROOT / "bench" / "results" / "suite.json"
+        click.echo(f"bench-quality --suite {suite_dir}: seeds {seed_list}; workspace {work}"
+                   f"{' (resuming)' if resumed else ''}", err=True)
+        try:
+            result = run_suite(Path(suite_dir).resolve(), seed_list, params, applied, work, cache, env, verbose,
+                               tuple(n.strip() for n in held_out.split(",") if n.strip()), mpnet, out)
+        except KeyboardInterrupt:
+            raise BenchError(f"interrupted; the workspace {work} is kept: rerun with --workdir {work}") from None
+        click.echo(out.with_suffix(".md").read_text(encoding="utf-8"))
+        click.echo(f"wrote {out} and {out.with_suffix('.md')}; pooled {result['mean_gain_pct']:+.2f}%", err=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     click.echo(
         f"bench-quality: {bench_name}: train on {docs}, evaluate on {beir}; seeds {seed_list[0]}..{seed_list[-1]}; "
         f"workspace {work}{' (resuming)' if resumed else ''}",
         err=True,
     )
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a killed bench stops its running stage and keeps the workspace
     try:
         per_seed, base_block, base_pq, once, corpus_n, reused_s = run_all(
             work, env, verbose, params, seed_list, docs, beir, cache

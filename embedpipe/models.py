@@ -57,8 +57,15 @@ def detect_device(preferred: str | None = None) -> str:
     return "cpu"
 
 
+BF16_SWITCH = "EMBEDPIPE_BF16"  # `off`: every `bf16: auto` takes the plain fp32 path, as on an AVX2-only CPU
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX): then torch bf16 autocast is fast."""
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX): then torch bf16 autocast is fast.
+
+    `EMBEDPIPE_BF16=off` answers False on any CPU, so anyone can run (and measure) what an fp32-only CPU runs."""
+    if os.environ.get(BF16_SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:  # not Linux: assume emulated (slow) bf16
