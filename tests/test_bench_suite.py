@@ -72,7 +72,7 @@ def test_suite_runs_every_domain_and_pools_their_queries(tmp_path: Path, tiny_do
         diffs += [f[q] - b[q] for q in sorted(b)]
         base += [b[q] for q in sorted(b)]
         row = next(r for r in result["per_benchmark"] if r["name"] == name)
-        assert row["steps_planned"] == 2 and 1 <= row["steps_taken"] <= 2
+        assert row["steps_planned"] >= 1 and row["steps_taken"] == row["steps_planned"]  # a fixed amount: no budget cut
         held = result["held_out"] if name == "beta" else None
         if held:
             assert held["mean_gain_pct"] == pytest.approx(row["mean_gain_pct"], abs=1e-2)
