@@ -39,9 +39,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.console import warn  # noqa: E402
 from embedpipe.documents import DocumentsError, discover  # noqa: E402
 from embedpipe.io import FormatError, load_beir, read_json, read_jsonl, write_json  # noqa: E402
+from embedpipe.params import ParamsError, validate  # noqa: E402
 from embedpipe.significance import paired_bootstrap_ci, sign_flip_test  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -74,19 +74,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def set_dotted(params: dict[str, Any], key: str, value: Any, *, warn_new: bool = True) -> None:
-    """Set params[a][b][c] = value for key "a.b.c"; every parent must already be a mapping."""
+def set_dotted(params: dict[str, Any], key: str, value: Any) -> None:
+    """Set params[a][b][c] = value for key "a.b.c", creating absent sections (params.yaml lists only what users
+    tune; the schema has the rest). The result is validated by the schema before anything runs (`check_params`)."""
     node: Any = params
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        child = node.get(part) if isinstance(node, dict) else None
+        child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parts[: i + 1])
-            raise BenchError(f"-S {key}: '{where}' is not a section of the params file")
+            raise BenchError(f"-S {key}: '{where}' is a value, not a section of the params file")
         node = child
-    if warn_new and parts[-1] not in node:  # stages read absent keys with defaults, so a new key is legal
-        warn(f"-S {key}: not in the params file, added (known here: {', '.join(map(str, node)) or 'none'})")
     node[parts[-1]] = value
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Fail before the first stage on an unknown key or a bad value (the same check every stage makes)."""
+    try:
+        validate(params, "params with -S overrides")
+    except ParamsError as e:
+        raise BenchError(str(e)) from None
 
 
 def get_dotted(params: dict[str, Any], key: str) -> Any:
@@ -103,7 +110,7 @@ def seeded_params(params: dict[str, Any], offset: int) -> tuple[dict[str, Any], 
     for key in SEEDED:
         base = get_dotted(out, key)
         value = int(base if base is not None else 0) + offset
-        set_dotted(out, key, value, warn_new=False)
+        set_dotted(out, key, value)
         values[key] = value
     return out, values
 
@@ -508,7 +515,7 @@ def mpnet_zero_shot(work: Path, env: dict[str, str], verbose: bool, params: dict
     """all-mpnet-base-v2's per-query nDCG@10 on `beir`, zero-shot (fp32; once per domain, reused from the state)."""
     runner = Runner(work, env, verbose, ["eval"], [docs, beir])
     p = copy.deepcopy(params)
-    set_dotted(p, "model.base_model", "all-mpnet-base-v2", warn_new=False)
+    set_dotted(p, "model.base_model", "all-mpnet-base-v2")
     path = work / "params" / "mpnet.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
@@ -540,7 +547,8 @@ def run_suite(
 ) -> dict[str, Any]:
     """Every domain's pipeline, seed by seed (all domains of seed 0 first, so a stopped run still has a complete
     seed), then mpnet zero-shot per domain; writes `out` (.json and .md) after each finished seed."""
-    from suite_report import DomainRun, markdown as suite_markdown, suite_result
+    from suite_report import DomainRun, suite_result
+    from suite_report import markdown as suite_markdown
 
     domains = suite_domains(suite)
     runs = {name: DomainRun(name, {}, {}) for name, _, _ in domains}
@@ -664,13 +672,14 @@ def main(
         key, value = parse_override(text)
         set_dotted(params, key, value)
         applied[key] = value
+    check_params(params)
 
     seed_list = list(range(first_seed, first_seed + seeds))
     work, resumed = prepare_workdir(workdir)
     cache = Path(cache_dir).resolve() if cache_dir else work / "cache"
     models_dir = get_dotted(params, "sdg.llm.models_dir")
     if models_dir and not Path(models_dir).is_absolute():  # reuse the repo's assembled GGUF, as `make run` does
-        set_dotted(params, "sdg.llm.models_dir", str(ROOT / models_dir), warn_new=False)
+        set_dotted(params, "sdg.llm.models_dir", str(ROOT / models_dir))
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),

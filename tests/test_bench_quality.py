@@ -177,13 +177,14 @@ def test_overrides_and_seeds_are_applied_like_dvc_exp_run():
     bq = load_bench_module()
     params = {"finetune": {"max_steps": None, "seed": 42, "cpu": {"epochs": 1}}, "sdg": {"seed": 13}, "prep": {}}
     for text in ("finetune.max_steps=20", "finetune.cpu.epochs=2", "sdg.llm.enabled=false", "finetune.lr=[1, 2]"):
-        if text.startswith("sdg.llm"):
-            with pytest.raises(bq.BenchError, match="'sdg.llm' is not a section"):
-                bq.set_dotted(params, *bq.parse_override(text))
-            continue
         bq.set_dotted(params, *bq.parse_override(text))
     assert params["finetune"]["max_steps"] == 20 and params["finetune"]["cpu"]["epochs"] == 2
-    assert params["finetune"]["lr"] == [1, 2]  # YAML-parsed values; a new leaf key is added (with a warning)
+    assert params["sdg"]["llm"] == {"enabled": False}  # a section params.yaml leaves to the schema is created
+    assert params["finetune"]["lr"] == [1, 2]  # YAML-parsed values
+    with pytest.raises(bq.BenchError, match="'finetune.seed' is a value, not a section"):
+        bq.set_dotted(params, *bq.parse_override("finetune.seed.x=1"))
+    with pytest.raises(bq.BenchError, match="'finetune.lr' is not a known key"):  # the schema catches the typo
+        bq.check_params(params)
     for bad in ("nokey", "=3", "a..b=1", "a.b=[unclosed"):
         with pytest.raises(bq.BenchError):
             bq.parse_override(bad)
