@@ -6,8 +6,8 @@ nDCG@10 (B - A, each averaged over the common seeds), with the same sign-flip te
 A seed is a clean pair when both runs trained on the same LLM questions and training set (the results'
 `inputs_sha256`); the table says which seeds are.
 
-    python bench/compare_quality.py bench/results/quality-default-seeds3-5.json \\
-        bench/results/quality-len256-fast17-seeds3-4.json --out /tmp/compare.md
+    python bench/compare_quality.py bench/results/history/quality-default-seeds3-5.json \\
+        bench/results/history/quality-len256-fast17-seeds3-4.json --out /tmp/compare.md
 
 Needs results written since per-query scores were recorded (`per_query_ndcg@10`); see docs/quality.md.
 """
