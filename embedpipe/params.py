@@ -209,6 +209,8 @@ class FinetuneCpu(_Section):
     attention_dropout: float | None = F(None, "attention dropout on the CPU", ge=0, lt=1)
     in_batch_negatives: bool | None = F(None, "in-batch negatives on the CPU")
     temperature: float | None = F(None, "softmax temperature on the CPU", gt=0)
+    cached: bool | None = F(None, "micro-batches on the CPU (exact gradient accumulation)")
+    mini_batch_size: int | None = F(None, "queries per micro-batch on the CPU", gt=0)
 
 
 class Finetune(_Section):
@@ -246,7 +248,7 @@ class Finetune(_Section):
     cpu: FinetuneCpu = Field(
         default_factory=lambda: FinetuneCpu(
             max_seq_length=128, passages_per_query=3, learning_rate=1e-4, epochs=1, max_minutes=0, max_steps=20,
-            val_max_passages=1000, wise_alphas=[0.5], llm_share=0.1,
+            val_max_passages=1000, wise_alphas=[0.5], llm_share=0.1, cached=True, mini_batch_size=32,
         ),
         description="overrides applied when no GPU is found ({} keeps the settings above)",
     )
