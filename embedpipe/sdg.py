@@ -283,7 +283,10 @@ def longest_common_run(a: str, b: str) -> int:
 
 
 def junk_reason(pair: dict[str, Any], passages: list[str], cfg: dict[str, Any]) -> str | None:
-    """Why a pair is junk (None if it is fine). Inverse-cloze pairs quote their passage by design."""
+    """Why a pair is junk (None if it is fine). Inverse-cloze pairs quote their passage by design; heading and
+    anchor pairs have their own filters (`embedpipe.sdg_structure`: a 3-word heading is a fine query)."""
+    if pair["query_type"] in ("headings", "anchors"):
+        return None
     q, a = pair["question"].strip(), (pair.get("answer") or "").strip()
     n = len(_words(q))
     if not q:
