@@ -88,6 +88,8 @@ def heading_reason(heading: str, min_words: int, max_words: int) -> str | None:
         return "too few words"
     if n > max_words:
         return "too many words"
+    if sdg.context_reason(text, [], check_grounding=False):
+        return "points at its context"  # "When to use this procedure": the context gate's patterns
     return None
 
 
@@ -118,6 +120,8 @@ def anchor_reason(text: str, min_words: int, max_words: int, api_names: bool) ->
         return "too few words"
     if n > max_words:
         return "too many words"
+    if sdg.context_reason(text, [], check_grounding=False):
+        return "points at its context"  # "the example above", "this module's options"
     return None
 
 

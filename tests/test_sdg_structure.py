@@ -162,6 +162,7 @@ def test_anchor_text_filters():
 def test_heading_filters():
     assert heading_reason("Configuring automatic retries", 3, 16) is None
     assert heading_reason("3.2 Dealing with hot journals", 3, 16) is None
+    assert heading_reason("When to use this procedure", 3, 16) == "points at its context"
     for generic in ("Example", "Notes", "Parameters", "See also", "Changelog", "foo.bar()", "Version 2.1",
                     "2.0.1", "proj/tasks.py", "Task states"):
         assert heading_reason(generic, 3, 16) is not None, generic
