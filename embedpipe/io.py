@@ -105,8 +105,10 @@ def load_corpus(path: str | Path) -> dict[str, dict[str, Any]]:
     return corpus
 
 
-LLM_FREE_QUERY_TYPES = ("inverse_cloze", "headings", "anchors")
-"""Query types made without an LLM: a sentence cut from a passage, a section heading, a link's text."""
+STRUCTURE_QUERY_TYPES = ("headings", "anchors", "definitions")
+"""Query types read from the documents' structure (`embedpipe.sdg_structure`): a heading, a link's text, a term."""
+LLM_FREE_QUERY_TYPES = ("inverse_cloze", *STRUCTURE_QUERY_TYPES)
+"""Query types made without an LLM: a sentence cut from a passage, and the structure ones."""
 
 
 def is_llm_written(record: dict[str, Any]) -> bool:

@@ -1,4 +1,4 @@
-"""LLM-free pairs from the documents' own structure: heading queries and anchor (cross-reference) queries.
+"""LLM-free pairs from the documents' own structure: heading, anchor (cross-reference) and definition queries.
 
 Both read the `structure` field the chunker writes into each passage (docs/sdg.md, "Structure fields"):
 the sections a passage covers, the ids that point into it and the internal links it holds.
@@ -14,6 +14,9 @@ the sections a passage covers, the ids that point into it and the internal links
   (relative paths, `<a id>` anchors, heading slugs), and reStructuredText's `:ref:` (labels),
   `:doc:` (documents) and object roles (`:func:` & co., resolved to a signature directive). When the anchor
   text repeats the target's heading, the heading is removed from the positive as above.
+
+- **Definition pairs** (`sdg.definitions`): a glossary term -> the passage defining it, the term cut out
+  (`definition_records`; glossary sections only).
 
 The positive without the heading travels in the record as `positive_texts` / `positive_titles`
 ({passage id: text / title}); prep and finetune train on them instead of the corpus text and title.
@@ -171,11 +174,12 @@ class StructureStats:
     pairs: int = 0
     filtered: Counter = field(default_factory=Counter)
     unresolved: Counter = field(default_factory=Counter)
+    links: bool = False  # a link generator: `unresolved_links` is reported (even when 0)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"candidates": self.candidates, "pairs": self.pairs,
                                "filtered": dict(sorted(self.filtered.items()))}
-        if self.unresolved or self.candidates:
+        if self.links:
             out["unresolved_links"] = dict(sorted(self.unresolved.items()))
         return out
 
@@ -323,7 +327,7 @@ def anchor_records(corpus: dict[str, dict], cfg: dict[str, Any], seed: Any = 0) 
     sits inside its own target (the same passage, or inside the section the link points to), a repeat of a
     (text, target) pair already made, and links whose target does not resolve (`unresolved_links`).
     """
-    stats = StructureStats()
+    stats = StructureStats(links=True)
     index = LinkIndex(corpus)
     min_words, max_words = int(cfg.get("min_words", 2)), int(cfg.get("max_words", 16))
     api_names = bool(cfg.get("api_names", True))
@@ -367,5 +371,75 @@ def anchor_records(corpus: dict[str, dict], cfg: dict[str, Any], seed: Any = 0) 
                 stripped = {i: strip_heading(corpus[i], heading) for i in ids}  # the anchor repeats the heading
             out.append(_record(query, "anchors", ids, corpus, stripped,
                                {"anchor": {"text": text, "source": pid, "target": link["target"]}}))
+    stats.pairs = len(out)
+    return _seeded(out, seed), stats
+
+
+# --- definition pairs -------------------------------------------------------------------------------
+GLOSSARY = re.compile(r"\b(glossary|glossaries|terminology|definitions|definition of terms)\b", re.I)
+_LABEL = re.compile(r"^(?:- )?([^:.!?`]{2,80}?): (.+)$")
+# Labels the parser writes before admonitions and version notes ("Note: ...", "New in version 3.1: ...").
+ADMONITION_LABELS = re.compile(
+    r"^(note|warning|tip|hint|important|caution|danger|error|attention|see also|todo|example|seealso|"
+    r"(new|changed|deprecated|removed) in version.*|deprecated since version.*)$", re.I)
+
+
+def _is_term_line(line: str, max_words: int) -> bool:
+    """A glossary term on its own line: short, no sentence or label punctuation at its end, not a list item or code."""
+    line = line.strip()
+    return (bool(line) and len(line.split()) <= max_words and not line.startswith(("- ", "```", "|"))
+            and line[-1] not in ".!?:;,)" and bool(re.search(r"[A-Za-z]", line)))
+
+
+def definition_records(corpus: dict[str, dict], cfg: dict[str, Any], seed: Any = 0) -> tuple[list[dict], StructureStats]:
+    """Glossary term -> the passage defining it, the term removed from the positive (as a heading is).
+
+    Only inside glossary sections (a heading or page title with "Glossary", "Terminology", "Definitions"): there a
+    term is its own line followed by its definition (HTML <dl> turned Markdown, a Markdown glossary), or a
+    `term: definition` line (reStructuredText definition lists and `.. glossary::`). Elsewhere a `label: text`
+    line is mostly an admonition ("Note: ...", "See also: ...") and is not used. Terms are filtered like anchor
+    texts (`anchor_reason`); a definition shorter than `min_definition_words` is left out.
+    """
+    stats = StructureStats()
+    min_words, max_words = int(cfg.get("min_words", 2)), int(cfg.get("max_words", 8))
+    min_def = int(cfg.get("min_definition_words", 6))
+    api_names = bool(cfg.get("api_names", True))
+    seen: set[str] = set()
+    out = []
+    for pid in _ordered(corpus):
+        rec = corpus[pid]
+        secs = (rec.get("structure") or {}).get("sections") or [{"path": (rec.get("title") or "").split(" > ")}]
+        if not any(GLOSSARY.search(h) for entry in secs for h in entry["path"]):
+            continue
+        headings = {entry["path"][-1] + ":" for entry in secs}
+        lines = (rec.get("text") or "").split("\n")
+        in_code = False
+        for i, line in enumerate(lines):
+            if line == "```":
+                in_code = not in_code
+            if in_code or line in headings:
+                continue
+            label = _LABEL.match(line)
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if label:
+                term, definition, rest = label.group(1).strip(), label.group(2), lines[:i] + [label.group(2)] + lines[i + 1:]
+            elif _is_term_line(line, max_words) and nxt and not nxt.startswith("```") and nxt not in headings \
+                    and not _is_term_line(nxt, max_words):
+                term, definition, rest = line.strip(), nxt, lines[:i] + lines[i + 1:]
+            else:
+                continue
+            stats.candidates += 1
+            reason = "admonition label" if label and ADMONITION_LABELS.match(term) else None
+            reason = reason or anchor_reason(term, min_words, max_words, api_names)
+            if reason is None and len(definition.split()) < min_def:
+                reason = "definition too short"
+            if reason is None and _norm(term) in seen:
+                reason = "repeat of an earlier pair"
+            if reason:
+                stats.filtered[reason] += 1
+                continue
+            seen.add(_norm(term))
+            stripped = {pid: (rec.get("title") or "", "\n".join(rest))}
+            out.append(_record(term, "definitions", [pid], corpus, stripped, {"definition": definition}))
     stats.pairs = len(out)
     return _seeded(out, seed), stats

@@ -1,7 +1,7 @@
 """Stage `sdg`: passages -> synthetic question-answer pairs (data/sdg/qa.jsonl), judged and filtered.
 
 Generators: an LLM (any OpenAI-compatible endpoint, or an embedded llama.cpp server when
-sdg.llm.base_url is empty) and the LLM-free inverse cloze, heading and anchor pairs (supplements, each
+sdg.llm.base_url is empty) and the LLM-free inverse cloze, heading, anchor and definition pairs (supplements, each
 capped by its max_share; `embedpipe.sdg_structure`). Gates,
 cheapest first: junk -> context -> dedup -> retrieval consistency -> LLM judge. The LLM phase stops
 issuing requests when sdg.llm.time_budget_s is spent. Every LLM request is cached in cache/llm/ (outside DVC outs),
@@ -28,7 +28,7 @@ from embedpipe.models import ModelNotAvailable, load_model
 from embedpipe.params import ParamsError, load_params, section
 from embedpipe.sdg_gates import CandidatePool, is_llm_free
 from embedpipe.sdg_jobs import generate_pairs, inverse_cloze_records, plan_jobs
-from embedpipe.sdg_structure import anchor_records, heading_records
+from embedpipe.sdg_structure import anchor_records, definition_records, heading_records
 
 
 @click.command()
@@ -136,7 +136,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
             pool.text_gates(corpus, gates)
         # 3b. heading and anchor pairs (no LLM, from the passages' `structure`), each capped by its max_share below
         structure: dict[str, dict] = {}
-        for name, make in (("headings", heading_records), ("anchors", anchor_records)):
+        for name, make in (("headings", heading_records), ("anchors", anchor_records),
+                           ("definitions", definition_records)):
             scfg = cfg.get(name) or {}
             if not scfg.get("enabled", False):
                 continue

@@ -14,7 +14,13 @@ from click.testing import CliRunner
 from embedpipe.chunking import chunk_document, merge_duplicate
 from embedpipe.documents import read_document
 from embedpipe.io import passage_text, positive_passage_text, read_json, read_jsonl, write_jsonl
-from embedpipe.sdg_structure import anchor_reason, anchor_records, heading_reason, heading_records
+from embedpipe.sdg_structure import (
+    anchor_reason,
+    anchor_records,
+    definition_records,
+    heading_reason,
+    heading_records,
+)
 from tests.sdg_helpers import write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +222,7 @@ def test_sdg_stage_counts_heading_and_anchor_pairs(tmp_path, corpus):
     write_jsonl(corpus_path, corpus.values())
     params = write_params(tmp_path / "params.yaml", REPO, **{
         "llm.enabled": False, "inverse_cloze.enabled": False, "headings.enabled": True, "anchors.enabled": True,
-        "headings.max_share": 1, "anchors.max_share": 1,
+        "headings.max_share": 1, "anchors.max_share": 1, "definitions.enabled": True,
     })
     args = ["--params", str(params), "--corpus", str(corpus_path), "--out", str(tmp_path / "sdg"),
             "--metrics", str(tmp_path / "sdg.json"), "--cache-dir", str(tmp_path / "cache")]
@@ -232,6 +238,7 @@ def test_sdg_stage_counts_heading_and_anchor_pairs(tmp_path, corpus):
         assert structure[name]["pairs"] == metrics["generated_by_type"][name] > 0
         assert structure[name]["accepted"] == len(made) > 0
         assert all(r["query_type"] == name and r["scores"] is None for r in made)
+    assert structure["definitions"]["pairs"] == 0  # no glossary in these documents
     assert metrics["accepted_llm"] == 0 and metrics["accepted"] == len(qa)
     assert "anchors: unresolved links" in result.output and "missing section 1" in result.output
     assert "headings: accepted" in result.output
@@ -265,3 +272,28 @@ def test_prep_carries_the_positive_without_its_heading_to_training():
               "d_b": {"title": "Configuring automatic retries", "text": "more"}}
     assert positive_passage_text(corpus["d_a"], rows[0]["pos_doc"][0]) == "Guide\nbody"
     assert positive_passage_text(corpus["d_b"], rows[1]["pos_doc"][0]) == "more"  # an empty title is no title
+
+
+def test_definition_pairs_come_from_glossaries_without_their_term(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "glossary.md").write_text(
+        "# Glossary\n\n<a id=\"term-late-ack\"></a>\nlate acknowledgment\n\nThe task message is acknowledged "
+        "after the task has run, so a crashed worker leaves it to be delivered again.\n\nack\n\nShort for "
+        "acknowledged, a word that names the message state.\n\nprefetch count\n\nSee also: the worker.\n")
+    (docs / "terms.rst").write_text(
+        "Terminology\n===========\n\n.. glossary::\n\n   result backend\n      The store where a worker writes "
+        "the state and return value of every task it runs.\n")
+    (docs / "guide.md").write_text("# Guide\n\nNote: this label line is not a definition and is long enough.\n")
+    corpus = {}
+    for name in ("glossary.md", "terms.rst", "guide.md"):
+        for rec in chunk_document(read_document(docs / name, docs, 10**6), words, 200, 30, 20):
+            corpus[rec["_id"]] = rec
+    records, stats = definition_records(corpus, {"min_words": 2, "max_words": 8, "min_definition_words": 6})
+    pairs = {r["question"]: r for r in records}
+    assert set(pairs) == {"late acknowledgment", "result backend"}  # not "ack" (one word), not "Note"
+    assert stats.filtered == {"too few words": 1, "definition too short": 1, "admonition label": 1}  # "See also: …"
+    for term, rec in pairs.items():
+        pid = rec["segment_ids"][0]
+        assert term in corpus[pid]["text"] and term not in rec["positive_texts"][pid]
+        assert rec["definition"] in rec["positive_texts"][pid] and rec["generator"] == "definitions"
