@@ -116,6 +116,11 @@ def is_llm_written(record: dict[str, Any]) -> bool:
     return record.get("query_type") not in LLM_FREE_QUERY_TYPES
 
 
+def without_structure(record: dict[str, Any]) -> dict[str, Any]:
+    """A corpus record without the chunker's `structure` field (only sdg reads it)."""
+    return {k: v for k, v in record.items() if k != "structure"} if "structure" in record else record
+
+
 def positive_passage_text(corpus_record: dict[str, Any], positive: dict[str, Any]) -> str:
     """What a model sees for a training positive: the corpus passage, with the text and title sdg gave it in its
     place when there is one (`pos_doc[].text` / `.title`: inverse cloze without its sentence, a heading or anchor

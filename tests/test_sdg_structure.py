@@ -297,3 +297,11 @@ def test_definition_pairs_come_from_glossaries_without_their_term(tmp_path):
         pid = rec["segment_ids"][0]
         assert term in corpus[pid]["text"] and term not in rec["positive_texts"][pid]
         assert rec["definition"] in rec["positive_texts"][pid] and rec["generator"] == "definitions"
+
+
+def test_prep_copies_of_the_corpus_leave_the_structure_out():
+    from embedpipe.io import without_structure
+
+    rec = {"_id": "d_1", "title": "T", "text": "x", "structure": {"sections": []}}
+    assert without_structure(rec) == {"_id": "d_1", "title": "T", "text": "x"} and "structure" in rec
+    assert without_structure({"_id": "d_2", "text": "y"}) == {"_id": "d_2", "text": "y"}
