@@ -305,3 +305,13 @@ def test_prep_copies_of_the_corpus_leave_the_structure_out():
     rec = {"_id": "d_1", "title": "T", "text": "x", "structure": {"sections": []}}
     assert without_structure(rec) == {"_id": "d_1", "title": "T", "text": "x"} and "structure" in rec
     assert without_structure({"_id": "d_2", "text": "y"}) == {"_id": "d_2", "text": "y"}
+
+
+def test_anchor_sentence_variant_and_an_unknown_label(corpus):
+    pid = next(p for p, r in corpus.items() if r["doc"] == "ref.rst" and r["position"] == 0)
+    corpus[pid]["structure"]["links"].append({"text": "the lost settings page", "target": "ref:no-such-label",
+                                              "section": 0, "sentence": None})
+    records, stats = anchor_records(corpus, {"query": "sentence", "max_sentence_words": 40})
+    questions = {r["anchor"]["text"]: r["question"] for r in records}
+    assert questions["Configuring automatic retries"].startswith("See Configuring automatic retries for the policy")
+    assert stats.unresolved == {"missing section": 1, "unknown label": 1}
