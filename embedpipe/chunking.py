@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from embedpipe.documents import CODE_FENCE, Document, is_code_block
+from embedpipe.documents import CODE_FENCE, Document, is_code_block, link_target
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+(?=[A-Z0-9\"'(\[])")
 
@@ -142,14 +142,83 @@ def chunk_document(
             chunks[-1].extend(u for u in current if u not in chunks[-1])  # a tiny tail joins its neighbour
         else:
             chunks.append(current)
+    structures = _structures(doc, units, chunks)
     records = []
     for position, chunk in enumerate(chunks):
         title = " > ".join(doc.sections[chunk[0].section].headings)
         text = _join(chunk)
         records.append(
-            {"_id": passage_id(title, text), "title": title, "text": text, "doc": doc.path, "position": position}
+            {"_id": passage_id(title, text), "title": title, "text": text, "doc": doc.path, "position": position,
+             "structure": structures[position]}
         )
     return records
+
+
+def merge_duplicate(kept: dict, duplicate: dict) -> None:
+    """A passage dropped as a duplicate of `kept` (same title and text) still has ids pointing at it: they join
+    `kept`'s ids, with their document when it differs (`"doc"`), so links to them still resolve. A duplicate that
+    opens its document also adds an empty id for that document (a link to the page)."""
+    structure = kept.get("structure")
+    if structure is None or "structure" not in duplicate:
+        return
+    other = duplicate.get("doc") != kept.get("doc")
+    extra = [{**entry, "doc": duplicate["doc"]} if other else entry for entry in duplicate["structure"]["ids"]]
+    if other and duplicate.get("position") == 0:
+        extra.append({"id": "", "doc": duplicate["doc"], "section": 0, "heading": True})
+    known = {(e.get("doc"), e["id"]) for e in structure["ids"]}
+    structure["ids"].extend(e for e in extra if (e.get("doc"), e["id"]) not in known)
+
+
+def _structures(doc: Document, units: list[_Unit], chunks: list[list[_Unit]]) -> list[dict]:
+    """Each passage's `structure` (docs/sdg.md, "Structure fields"): the sections it covers (heading paths,
+    and whether the section starts in it), the ids that point into it, and the internal links it holds
+    (visible text, target, the sentence around it). An id or link belongs to the first passage holding
+    its paragraph (overlap repeats sentences in the next passage)."""
+    first_chunk: dict[int, int] = {}
+    for k, chunk in enumerate(chunks):
+        for unit in chunk:
+            first_chunk.setdefault(id(unit), k)
+    offsets, total = [], 0
+    for section in doc.sections:
+        offsets.append(total)
+        total += len(section.paragraphs)
+    by_paragraph: dict[int, list[_Unit]] = {}
+    section_start: dict[int, _Unit] = {}
+    for unit in units:
+        by_paragraph.setdefault(unit.paragraph, []).append(unit)
+        section_start.setdefault(unit.section, unit)
+    out = [{"sections": [], "ids": [], "links": []} for _ in chunks]
+    index: list[dict[int, int]] = [{} for _ in chunks]  # section -> its position in the passage's list
+
+    def section_index(k: int, s: int) -> int:
+        if s not in index[k]:
+            index[k][s] = len(out[k]["sections"])
+            entry: dict = {"path": doc.sections[s].headings, "start": first_chunk.get(id(section_start[s])) == k}
+            if not doc.sections[s].named:
+                entry["named"] = False
+            out[k]["sections"].append(entry)
+        return index[k][s]
+
+    for k, chunk in enumerate(chunks):
+        for unit in chunk:
+            section_index(k, unit.section)
+    for s, section in enumerate(doc.sections):
+        last = len(section.paragraphs) - 1
+        for name, p in section.anchors.items():
+            paragraph_units = by_paragraph.get(offsets[s] + min(p, last) + 1)
+            if paragraph_units:
+                k = first_chunk[id(paragraph_units[0])]
+                out[k]["ids"].append({"id": name, "section": section_index(k, s), "heading": p == 0})
+        for link in section.links:
+            target = link_target(link.href, doc.path)
+            paragraph_units = by_paragraph.get(offsets[s] + link.paragraph + 1)
+            if target is None or not paragraph_units:
+                continue
+            unit = next((u for u in paragraph_units if link.text in u.text), None)
+            k = first_chunk[id(unit or paragraph_units[0])]
+            out[k]["links"].append({"text": link.text, "target": target, "section": section_index(k, s),
+                                    "sentence": unit.text if unit is not None else None})
+    return out
 
 
 def _overlap(chunk: list[_Unit], overlap_tokens: int) -> list[_Unit]:

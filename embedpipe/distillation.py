@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.io import is_llm_written, passage_text
+from embedpipe.io import STRUCTURE_QUERY_TYPES, is_llm_written, passage_text, positive_passage_text
 
 DEFAULTS: dict[str, Any] = {
     "enabled": False,
@@ -71,7 +71,10 @@ def scoring_order(records: Sequence[dict[str, Any]], seed: int) -> list[int]:
 def record_texts(rec: dict[str, Any], corpus: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
     """(positive, candidates) as the student will see them: an inverse-cloze positive without its sentence."""
     pos = rec["pos_doc"][0]
-    pos_text = pos.get("text") or passage_text(corpus[pos["id"]])
+    if rec.get("query_type") in STRUCTURE_QUERY_TYPES:  # the positive's title and text without the heading
+        pos_text = positive_passage_text(corpus[pos["id"]], pos)
+    else:  # (unchanged: an inverse-cloze positive is scored as its text alone)
+        pos_text = pos.get("text") or passage_text(corpus[pos["id"]])
     return pos_text, [passage_text(corpus[n["id"]]) for n in rec.get("neg_doc") or []]
 
 

@@ -10,9 +10,12 @@ Every file found is either read or listed in the skipped report: nothing is drop
 
 from __future__ import annotations
 
+import html
 import os
+import posixpath
 import re
 import textwrap
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,9 +55,23 @@ class DocumentsError(ValueError):
 
 
 @dataclass
+class Link:
+    """An internal cross-reference inside paragraph `paragraph` of its section: the visible `text` and the raw
+    `href` ("page.md#id", "#id", "../x.html"; reStructuredText roles as "ref:label", "doc:path", "obj:name")."""
+
+    text: str
+    href: str
+    paragraph: int
+
+
+@dataclass
 class Section:
     headings: list[str]
     paragraphs: list[str] = field(default_factory=list)
+    # Structure kept for the LLM-free heading and anchor pairs (`embedpipe.sdg_structure`):
+    anchors: dict[str, int] = field(default_factory=dict)  # id / label / heading slug -> paragraph index it names
+    links: list[Link] = field(default_factory=list)
+    named: bool = True  # False only for a first section named after the file (the document has no title heading)
 
 
 @dataclass
@@ -135,10 +152,33 @@ def read_document(path: Path, root: Path, max_bytes: int) -> Document | Skipped:
             sections = _parse_plain(text, title)
     if isinstance(sections, str):
         return Skipped(rel, sections)
-    sections = [s for s in sections if s.paragraphs]
+    sections = _drop_empty(sections)
     if not sections:
         return Skipped(rel, "no text content")
     return Document(rel, sections)
+
+
+def _drop_empty(sections: list[Section]) -> list[Section]:
+    """Sections with text; an empty one's anchors (a heading directly above a sub-heading) move to the next."""
+    out: list[Section] = []
+    carried: dict[str, int] = {}
+    for section in sections:
+        if not section.paragraphs:
+            carried.update({a: 0 for a in section.anchors})
+            continue
+        if carried:
+            section.anchors = {**carried, **section.anchors}
+            carried = {}
+        out.append(section)
+    return out
+
+
+_SLUG_DROP = re.compile(r"[^\w\- ]")
+
+
+def heading_slug(text: str) -> str:
+    """The id a Markdown renderer gives a heading (GitHub style): lower case, punctuation dropped, spaces -> '-'."""
+    return _SLUG_DROP.sub("", text.strip().lower()).replace(" ", "-")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -165,35 +205,64 @@ class _SectionBuilder:
         self.title = title
         self.titled = False  # set once the document's own first heading has named it
         self.stack: list[tuple[int, str]] = []
-        self.sections: list[Section] = [Section([title])]
+        self.sections: list[Section] = [Section([title], named=False)]
         self.label = ""
+        self.pending_anchors: list[str] = []  # ids waiting for the next heading, paragraph or code block
+        self.pending_links: list[tuple[str, str]] = []  # (text, href) of the paragraph being built
+
+    def anchor(self, name: str) -> None:
+        """An id (`<a id>`, an HTML id, a reStructuredText label) naming whatever comes next."""
+        name = name.strip()
+        if name:
+            self.pending_anchors.append(name)
+
+    def link(self, text: str, href: str) -> None:
+        """An internal link inside the paragraph being built (attached when it is written)."""
+        text, href = _clean(text), href.strip()
+        if text and href:
+            self.pending_links.append((text, href))
+
+    def _attach(self, section: Section, paragraph: int) -> None:
+        for name in self.pending_anchors:
+            section.anchors.setdefault(name, paragraph)
+        self.pending_anchors = []
 
     def heading(self, level: int, text: str) -> None:
         self.flush_label()
         text = _clean(text)
+        self.pending_links = []  # a link inside a heading is not a cross-reference pair
         if not text:
             return
         if level == 1 and not self.titled and len(self.sections) == 1 and not self.sections[0].paragraphs:
             self.title = text  # the document's own first H1 names it
             self.titled = True
             self.sections[-1].headings = [text]
-            return
-        self.stack = [(lvl, h) for lvl, h in self.stack if lvl < level] + [(level, text)]
-        self.sections.append(Section([self.title] + [h for _, h in self.stack]))
+            self.sections[-1].named = True
+        else:
+            self.stack = [(lvl, h) for lvl, h in self.stack if lvl < level] + [(level, text)]
+            self.sections.append(Section([self.title] + [h for _, h in self.stack]))
+        self._attach(self.sections[-1], 0)
+        self.sections[-1].anchors.setdefault(heading_slug(text), 0)
 
     def paragraph(self, text: str) -> None:
         text = _clean(text)
         if text.startswith(CODE_FENCE):  # prose never starts a line with a fence (see `fence_code`)
             text = text.lstrip("`").lstrip()
         if text:
-            self.sections[-1].paragraphs.append(_clean(self.label + text))
+            section = self.sections[-1]
+            self._attach(section, len(section.paragraphs))
+            section.links.extend(Link(t, h, len(section.paragraphs)) for t, h in self.pending_links)
+            section.paragraphs.append(_clean(self.label + text))
             self.label = ""
+        self.pending_links = []
 
     def code(self, text: str) -> None:
         """A code block, kept verbatim between fence lines (see `fence_code`)."""
         block = fence_code(text)
+        self.pending_links = []
         if block:
             self.flush_label()
+            self._attach(self.sections[-1], len(self.sections[-1].paragraphs))
             self.sections[-1].paragraphs.append(block)
 
     def flush_label(self) -> None:
@@ -218,6 +287,7 @@ def _parse_markdown(text: str, title: str) -> list[Section]:
         named = re.search(r"^title:\s*['\"]?(.+?)['\"]?\s*$", front.group(1), re.MULTILINE)
         title = named.group(1) if named else title
     builder = _SectionBuilder(title)
+    builder.sections[0].named = bool(front and named)
     tokens = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"]).parse(text)
     heading_level = 0
     row: list[str] | None = None
@@ -240,7 +310,7 @@ def _parse_markdown(text: str, title: str) -> list[Section]:
         elif kind == "html_block":
             _html_fragment(token.content, builder)
         elif kind == "inline":
-            inline = _markdown_inline(token.children or [])
+            inline = _markdown_inline(token.children or [], builder)
             if heading_level:
                 builder.heading(heading_level, inline)
             elif row is not None:
@@ -250,9 +320,16 @@ def _parse_markdown(text: str, title: str) -> list[Section]:
     return builder.sections
 
 
-def _markdown_inline(children: list) -> str:
-    """Visible text of an inline run: text, code spans and image alt text; markup and raw HTML dropped."""
+_HTML_ID = re.compile(r"<a\b[^>]*?\b(?:id|name)\s*=\s*[\"']([^\"']+)[\"']", re.I)
+
+
+def _markdown_inline(children: list, builder: _SectionBuilder | None = None) -> str:
+    """Visible text of an inline run: text, code spans and image alt text; markup and raw HTML dropped.
+
+    With a builder, `<a id="...">` anchors and internal links (`[text](page.md#id)`) are handed to it."""
     parts = []
+    link_start: int | None = None
+    href = ""
     for child in children:
         if child.type in ("text", "code_inline"):
             parts.append(child.content)
@@ -260,13 +337,53 @@ def _markdown_inline(children: list) -> str:
             parts.append(" ")
         elif child.type == "image":
             parts.append(_markdown_inline(child.children or []))
+        elif builder is not None and child.type == "html_inline":
+            for name in _HTML_ID.findall(child.content):
+                builder.anchor(html.unescape(name))
+        elif builder is not None and child.type == "link_open":
+            link_start, href = len(parts), str(child.attrs.get("href") or "")
+        elif builder is not None and child.type == "link_close" and link_start is not None:
+            if is_internal_href(href):
+                builder.link("".join(parts[link_start:]), href)
+            link_start = None
     return "".join(parts)
+
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def link_target(href: str, doc_path: str) -> str | None:
+    """A link's target in a form independent of where the link sits: "path#id" or "path" (path relative to
+    the documents folder, "#id" resolved against `doc_path`), or the reStructuredText forms "ref:label",
+    "doc:path" (made relative to the folder) and "obj:name". None for an external or empty link."""
+    if href.startswith(("ref:", "obj:")):
+        return href
+    if href.startswith("doc:"):
+        path = href[4:]
+        base = "" if path.startswith("/") else posixpath.dirname(doc_path)
+        return "doc:" + posixpath.normpath(posixpath.join(base, path.lstrip("/")))
+    if not is_internal_href(href):
+        return None
+    path, _, fragment = href.partition("#")
+    path = urllib.parse.unquote(path.split("?")[0])
+    fragment = urllib.parse.unquote(fragment)
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(doc_path), path)) if path else doc_path
+    if path.startswith("../") or path == "..":
+        return None  # outside the documents folder
+    return f"{path}#{fragment}" if fragment else path
+
+
+def is_internal_href(href: str) -> bool:
+    """A link to another place in the same documentation: no scheme (http:, mailto:), not protocol-relative."""
+    return bool(href) and not _SCHEME.match(href) and not href.startswith("//")
 
 
 def _html_fragment(html: str, builder: _SectionBuilder) -> None:
     """Raw HTML inside Markdown: its text (and its <pre> blocks as code), never its tags."""
     from bs4 import BeautifulSoup, NavigableString
 
+    for name in _HTML_ID.findall(html):
+        builder.anchor(name)
     soup = BeautifulSoup(html, "lxml")
     for tag in soup(["script", "style", "noscript", "template"]):
         tag.decompose()
@@ -319,10 +436,12 @@ def _parse_html(text: str, title: str) -> list[Section]:
         tag.decompose()
     page_title = soup.title.get_text(" ", strip=True) if soup.title else ""
     builder = _SectionBuilder(page_title or title)
+    builder.sections[0].named = bool(page_title)
     body = soup.body or soup
     for element in body.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "tr", "dt", "dd", "blockquote"]):
         if element.find_parent(["li", "p", "pre", "tr", "dt", "dd", "blockquote"]) is not None:
             continue  # its text is part of the enclosing block
+        _html_structure(element, builder)
         if element.name.startswith("h"):
             builder.heading(int(element.name[1]), element.get_text(" ", strip=True))
         elif element.name == "pre":
@@ -337,6 +456,28 @@ def _parse_html(text: str, title: str) -> list[Section]:
             for pre in element.find_all("pre"):
                 builder.code(pre.get_text())
     return builder.sections
+
+
+def _html_ids(element) -> list[str]:
+    """The ids naming a block: its own, those of anchors inside it, and for a heading the id of the
+    <section>/<div> it opens (Sphinx writes `<section id="x"><h2>`)."""
+    ids = [element.get("id")] + [a.get("id") or a.get("name") for a in element.find_all(["a", "span"])]
+    if element.name[0] == "h" and element.parent is not None and element.parent.name in ("section", "div"):
+        first = element.parent.find(["h1", "h2", "h3", "h4", "h5", "h6"])
+        if first is element:
+            ids.insert(0, element.parent.get("id"))
+    return [i for i in ids if isinstance(i, str) and i]
+
+
+def _html_structure(element, builder: _SectionBuilder) -> None:
+    """Hand a block's ids and internal links (`<a href>`) to the builder before its text is written."""
+    for name in _html_ids(element):
+        builder.anchor(name)
+    if element.name[0] == "h" or element.name == "pre":
+        return
+    for a in element.find_all("a", href=True):
+        if is_internal_href(a["href"]):
+            builder.link(a.get_text(" ", strip=True), a["href"])
 
 
 def _parse_pdf(path: Path) -> list[Section] | str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.io import FormatError, atomic_open, passage_text, read_json
+from embedpipe.io import LLM_FREE_QUERY_TYPES, FormatError, atomic_open, passage_text, read_json
 from embedpipe.metrics import Qrels, aggregate, metric_names, per_query_metrics
 from embedpipe.retrieval import Run, retrieve
 
@@ -150,7 +150,7 @@ def gain_significance(
     return {
         "metric": metric,
         "queries": len(qids),
-        "llm_written": sum(k not in ("inverse_cloze", "unknown") for k in kinds),
+        "llm_written": sum(k not in (*LLM_FREE_QUERY_TYPES, "unknown") for k in kinds),
         "inverse_cloze": kinds.count("inverse_cloze"),
         "mean_gain": round(float(diffs.mean()), 5),
         "ci95": [round(low, 5), round(high, 5)],

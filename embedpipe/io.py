@@ -105,9 +105,28 @@ def load_corpus(path: str | Path) -> dict[str, dict[str, Any]]:
     return corpus
 
 
+STRUCTURE_QUERY_TYPES = ("headings", "anchors", "definitions")
+"""Query types read from the documents' structure (`embedpipe.sdg_structure`): a heading, a link's text, a term."""
+LLM_FREE_QUERY_TYPES = ("inverse_cloze", *STRUCTURE_QUERY_TYPES)
+"""Query types made without an LLM: a sentence cut from a passage, and the structure ones."""
+
+
 def is_llm_written(record: dict[str, Any]) -> bool:
-    """A question record an LLM wrote (anything but an inverse-cloze sentence): the human-like ones."""
-    return record.get("query_type") != "inverse_cloze"
+    """A question record an LLM wrote (not an inverse-cloze sentence, heading or anchor text): the human-like ones."""
+    return record.get("query_type") not in LLM_FREE_QUERY_TYPES
+
+
+def without_structure(record: dict[str, Any]) -> dict[str, Any]:
+    """A corpus record without the chunker's `structure` field (only sdg reads it)."""
+    return {k: v for k, v in record.items() if k != "structure"} if "structure" in record else record
+
+
+def positive_passage_text(corpus_record: dict[str, Any], positive: dict[str, Any]) -> str:
+    """What a model sees for a training positive: the corpus passage, with the text and title sdg gave it in its
+    place when there is one (`pos_doc[].text` / `.title`: inverse cloze without its sentence, a heading or anchor
+    pair without the heading)."""
+    override = {k: positive[k] for k in ("text", "title") if positive.get(k) is not None}
+    return passage_text({**corpus_record, **override} if override else corpus_record)
 
 
 def passage_text(record: dict[str, Any]) -> str:

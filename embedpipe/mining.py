@@ -312,6 +312,8 @@ def unroll(questions: list[dict[str, Any]], ids: Sequence[str], mined: Mined) ->
             pos = {"id": pid, "score": _r(ps)}
             if (q.get("positive_texts") or {}).get(pid):  # inverse cloze: the positive without its query sentence
                 pos["text"] = q["positive_texts"][pid]
+            if pid in (q.get("positive_titles") or {}):  # heading / anchor pairs: the title without the heading
+                pos["title"] = q["positive_titles"][pid]
             out.append({
                 "question_id": f"{q['id']}_{i}",
                 "source_id": q["id"],

@@ -97,6 +97,34 @@ class SdgInverseCloze(_Section):
     max_share: Number = F(1, "cap on the inverse-cloze share of accepted pairs (1 = no cap)", gt=0, le=1)
 
 
+class SdgHeadings(_Section):
+    enabled: bool = F(False, "LLM-free pairs: a descriptive section heading -> the section's passages, heading cut out")
+    max_share: float = F(0.25, "cap on the heading pairs' share of accepted pairs (1 = no cap)", gt=0, le=1)
+    min_words: int = F(3, "shorter headings ('Notes', 'Examples', 'foo.bar()') are not queries", gt=0)
+    max_words: int = F(16, "longest heading used as a query", gt=0)
+    max_positives: int = F(3, "passages of one section used as positives", gt=0)
+    min_positive_words: int = F(12, "a positive shorter than this without its heading is not used", ge=0)
+
+
+class SdgAnchors(_Section):
+    enabled: bool = F(False, "LLM-free pairs: an internal link's text -> the passage its target starts in")
+    max_share: float = F(0.25, "cap on the anchor pairs' share of accepted pairs (1 = no cap)", gt=0, le=1)
+    min_words: int = F(2, "shorter link texts ('here', 'docs') are not queries...", gt=0)
+    api_names: bool = F(True, "...unless one identifier of 2+ parts (broker_connection_timeout, Session.merge)")
+    max_words: int = F(16, "longest link text used as a query", gt=0)
+    query: Literal["anchor", "sentence"] = F("anchor", "anchor = the link text | sentence = the sentence around it")
+    max_sentence_words: int = F(40, "query: sentence falls back to the link text for a longer sentence", gt=0)
+
+
+class SdgDefinitions(_Section):
+    enabled: bool = F(False, "LLM-free pairs: a glossary term -> the passage defining it, the term cut out")
+    max_share: float = F(0.1, "cap on the definition pairs' share of accepted pairs (1 = no cap)", gt=0, le=1)
+    min_words: int = F(2, "one-word terms only when one identifier of 2+ parts (see api_names)", gt=0)
+    api_names: bool = F(True, "accept a one-word term that is an identifier of 2+ parts")
+    max_words: int = F(8, "longest term used as a query", gt=0)
+    min_definition_words: int = F(6, "shorter definitions ('See also: X') are left out", ge=0)
+
+
 class GateJunk(_Section):
     enabled: bool = F(True, "drop malformed LLM questions")
     min_question_words: int = F(4, "shortest question kept", ge=0)
@@ -150,6 +178,9 @@ class Sdg(_Section):
     )
     llm: SdgLlm = sub(SdgLlm, "the question-writing LLM")
     inverse_cloze: SdgInverseCloze = sub(SdgInverseCloze, "LLM-free sentence -> passage pairs")
+    headings: SdgHeadings = sub(SdgHeadings, "LLM-free heading -> section pairs")
+    anchors: SdgAnchors = sub(SdgAnchors, "LLM-free cross-reference text -> target pairs")
+    definitions: SdgDefinitions = sub(SdgDefinitions, "LLM-free glossary term -> definition pairs")
     gates: SdgGates = sub(SdgGates, "filters every LLM pair passes")
 
 

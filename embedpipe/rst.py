@@ -100,6 +100,8 @@ class Builder(Protocol):
     def paragraph(self, text: str) -> None: ...
     def code(self, text: str) -> None: ...
     def flush_label(self) -> None: ...
+    def anchor(self, name: str) -> None: ...
+    def link(self, text: str, href: str) -> None: ...
 
 
 def render_rst(text: str, builder: Builder) -> None:
@@ -131,9 +133,35 @@ def visible_text(role_text: str, role_name: str = "") -> str:
     return text
 
 
+XREF_ROLES = {"ref": "ref", "doc": "doc"}
+"""Sphinx roles that are cross-references to a label or a document (`embedpipe.sdg_structure` resolves them)."""
+OBJECT_ROLES = {"func", "meth", "class", "attr", "exc", "data", "obj", "mod", "const", "setting", "option", "envvar"}
+"""Roles naming an API object documented by a signature directive (`.. function:: name`)."""
+
+
+def xref_target(role_name: str, role_text: str) -> str | None:
+    """The link target of a cross-reference role: "ref:label", "doc:path" or "obj:dotted.name" (None if not one)."""
+    kind = role_name.lower().rsplit(":", 1)[-1]
+    text = unescape(role_text)
+    match = _TITLED.match(text)
+    target = (match.group(2) if match else text).strip().lstrip("!~")
+    if not target:
+        return None
+    if kind in XREF_ROLES:
+        return f"{XREF_ROLES[kind]}:{target.lower() if kind == 'ref' else target}"
+    if kind in OBJECT_ROLES:
+        return "obj:" + target.removesuffix("()")
+    return None
+
+
 def _text_role(name, rawtext, text, lineno, inliner, options=None, content=None):
-    """Any role: its visible text as a plain text node (code-ness of inline roles is not kept)."""
-    return [nodes.Text(visible_text(text, name))], []
+    """Any role: its visible text as a plain text node (code-ness of inline roles is not kept); a
+    cross-reference role's text is wrapped in an inline node carrying its target (`xref_target`)."""
+    visible = visible_text(text, name)
+    target = xref_target(name, text)
+    if target:
+        return [nodes.inline(rawtext, visible, classes=["embedpipe-xref"], target=target)], []
+    return [nodes.Text(visible)], []
 
 
 def _inliner() -> Inliner:
@@ -194,6 +222,9 @@ class _Signature(_Directive):
         if signature.strip() and kind in SIGNATURE_PREFIXES:  # what Sphinx prints before the name
             signature = "\n".join(SIGNATURE_PREFIXES[kind] + line.strip() for line in signature.splitlines())
         out: list[nodes.Node] = [nodes.literal_block(signature, signature)] if signature.strip() else []
+        name = re.match(r"\s*(?:[\w.]+\s+)*?([A-Za-z_][\w.]*)\s*(?:\(|$|\s|=|:)", self.arguments[0] if self.arguments else "")
+        if out and name:  # the object a :func:/:class:/... role can point at
+            out[0]["embedpipe_objects"] = [name.group(1)]
         return out + self.body()
 
 
@@ -292,6 +323,7 @@ def _block(node: nodes.Node, builder: Builder, depth: int) -> None:
         if isinstance(node, nodes.Text) and node.strip():
             builder.paragraph(node.astext())
         return
+    _structure(node, builder)
     if isinstance(node, nodes.section):
         title = node[0] if node.children and isinstance(node[0], nodes.title) else None
         builder.heading(depth, _inline(title) if title is not None else "")
@@ -339,6 +371,25 @@ def _block(node: nodes.Node, builder: Builder, depth: int) -> None:
         builder.paragraph(_inline(node))
     elif isinstance(node, nodes.Element):  # lists, tables, block quotes, figures, containers, …
         _blocks(node, builder, depth)
+
+
+def _structure(node: nodes.Node, builder: Builder) -> None:
+    """Hand a block's labels (`.. _label:` before it, the section's own name) and, for a text block, its
+    cross-references (Sphinx roles, relative `text <page.html#id>`_ links) to the builder before its text."""
+    if not isinstance(node, nodes.Element):
+        return
+    for name in [*node.get("names", []), *node.get("ids", [])]:
+        builder.anchor(name)
+    for name in node.get("embedpipe_objects", []):
+        builder.anchor("obj:" + name)
+    if isinstance(node, (nodes.TextElement, nodes.row, nodes.line_block)) and not isinstance(node, nodes.FixedTextElement):
+        for ref in node.findall(nodes.inline):
+            if "embedpipe-xref" in ref["classes"]:
+                builder.link(_inline(ref), ref["target"])
+        for ref in node.findall(nodes.reference):
+            uri = ref.get("refuri") or ""
+            if uri and not re.match(r"^[a-zA-Z][\w+.-]*:|^//", uri):
+                builder.link(_inline(ref), uri)
 
 
 def _set_label(builder: Builder, text: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from embedpipe.io import STRUCTURE_QUERY_TYPES
 from embedpipe.llm import ParseError, parse_json_object
 from embedpipe.text import query_sentences, remove_span
 
@@ -283,7 +284,10 @@ def longest_common_run(a: str, b: str) -> int:
 
 
 def junk_reason(pair: dict[str, Any], passages: list[str], cfg: dict[str, Any]) -> str | None:
-    """Why a pair is junk (None if it is fine). Inverse-cloze pairs quote their passage by design."""
+    """Why a pair is junk (None if it is fine). Inverse-cloze pairs quote their passage by design; heading and
+    anchor pairs have their own filters (`embedpipe.sdg_structure`: a 3-word heading is a fine query)."""
+    if pair["query_type"] in STRUCTURE_QUERY_TYPES:
+        return None
     q, a = pair["question"].strip(), (pair.get("answer") or "").strip()
     n = len(_words(q))
     if not q:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from embedpipe import sdg
-from embedpipe.io import passage_text
+from embedpipe.io import LLM_FREE_QUERY_TYPES, passage_text
 from embedpipe.llm import BUDGET_SPENT, LLMClient
 from embedpipe.progress import progress
 from embedpipe.retrieval import search
@@ -24,6 +24,11 @@ from embedpipe.sdg_jobs import failure_kind, judge
 
 def is_inverse_cloze(pair: dict[str, Any]) -> bool:
     return pair["generator"] == "inverse_cloze"
+
+
+def is_llm_free(pair: dict[str, Any]) -> bool:
+    """Inverse cloze, heading and anchor pairs: no LLM wrote them, so the context gate and the judge skip them."""
+    return pair["generator"] in LLM_FREE_QUERY_TYPES
 
 
 @dataclass
@@ -37,12 +42,12 @@ class CandidatePool:
         self.removed[gate] = self.removed.get(gate, 0) + keep.count(False)
         for n, (c, k) in enumerate(zip(self.candidates, keep, strict=True)):
             if not k:
-                slim = {key: v for key, v in c.items() if key != "positive_texts"}
+                slim = {key: v for key, v in c.items() if key not in ("positive_texts", "positive_titles")}
                 self.rejected.append({**slim, "reason": f"{gate}: {reasons[n]}" if reasons else gate})
         self.candidates = [c for c, k in zip(self.candidates, keep, strict=True) if k]
 
     def llm_pairs(self) -> int:
-        return sum(not is_inverse_cloze(c) for c in self.candidates)
+        return sum(not is_llm_free(c) for c in self.candidates)
 
     def text_gates(self, corpus: dict[str, dict], gates: dict[str, Any]) -> None:
         """junk, then context (LLM questions that point at "this module" instead of naming it); idempotent."""
@@ -55,7 +60,7 @@ class CandidatePool:
         ctx_cfg = gates.get("context") or {"enabled": False}
         if ctx_cfg.get("enabled", True):
             grounding = bool(ctx_cfg.get("grounding", True))
-            reasons = [None if is_inverse_cloze(c) else sdg.context_reason(c["question"], texts(c), grounding)
+            reasons = [None if is_llm_free(c) else sdg.context_reason(c["question"], texts(c), grounding)
                        for c in self.candidates]
             self.drop([r is None for r in reasons], "context", [r or "" for r in reasons])
 
@@ -77,9 +82,9 @@ class CandidatePool:
         self.drop(keep, "retrieval", [f"no positive in base-embedder top-{k}"] * len(self.candidates))
 
     def judge(self, client: LLMClient, corpus: dict[str, dict], jcfg: dict[str, Any], failures: Counter) -> int:
-        """The LLM judge on the LLM pairs (inverse-cloze pairs have no answer to judge). A pair the time budget
+        """The LLM judge on the LLM pairs (inverse-cloze, heading and anchor pairs have no answer to judge). A pair the time budget
         leaves unjudged is dropped. Returns how many were not judged for the budget."""
-        judged = [n for n, c in enumerate(self.candidates) if not is_inverse_cloze(c)]
+        judged = [n for n, c in enumerate(self.candidates) if not is_llm_free(c)]
         if not judged:
             return 0
         keep = [True] * len(self.candidates)
@@ -115,3 +120,16 @@ class CandidatePool:
             seen += is_inverse_cloze(c)
             keep.append(not is_inverse_cloze(c) or seen <= cap)
         self.drop(keep, "inverse_cloze_cap", [f"over max_share {max_share} of accepted pairs"] * len(keep))
+
+    def cap_generator(self, generator: str, max_share: float) -> None:
+        """At most `max_share` of the accepted pairs from `generator` (a heading or anchor generator), the others
+        as they are; candidates are in a seeded spread order, so the first ones are kept. No cap at 1."""
+        mine = sum(c["generator"] == generator for c in self.candidates)
+        cap = sdg.cap_share(len(self.candidates) - mine, max_share)
+        if cap is None or mine <= cap:
+            return
+        seen, keep = 0, []
+        for c in self.candidates:
+            seen += c["generator"] == generator
+            keep.append(c["generator"] != generator or seen <= cap)
+        self.drop(keep, f"{generator}_cap", [f"over max_share {max_share} of accepted pairs"] * len(keep))

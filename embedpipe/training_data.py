@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedpipe.io import FormatError, is_llm_written, passage_text
+from embedpipe.io import FormatError, is_llm_written, passage_text, positive_passage_text
 
 
 @dataclass
@@ -113,8 +113,8 @@ def build_training_table(
         if k and len({n["id"] for n in neg_doc if n.get("id") in corpus}) < k:
             table.padded += 1
         cols["anchor"].append(question)
-        pos_text = pos.get("text")  # set by sdg's positive_texts (inverse cloze without its sentence)
-        cols["positive"].append(passage_text({**corpus[pos_id], "text": pos_text} if pos_text else corpus[pos_id]))
+        # sdg's positive_texts / positive_titles (inverse cloze without its sentence, headings without the heading)
+        cols["positive"].append(positive_passage_text(corpus[pos_id], pos))
         for i, neg in enumerate(negatives):
             cols[f"negative_{i + 1}"].append(passage_text(corpus[neg["id"]]))
         table.examples += 1

@@ -10,7 +10,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from embedpipe.chunking import chunk_document, token_counter
+from embedpipe.chunking import chunk_document, merge_duplicate, token_counter
 from embedpipe.console import summary, warn
 from embedpipe.documents import Document, DocumentsError, discover, read_document
 from embedpipe.io import write_json, write_jsonl
@@ -54,6 +54,7 @@ def main(params_path: str, docs_dir: str | None, out_dir: str, metrics_path: str
         for record in chunk_document(doc, count, cfg["target_tokens"], cfg["overlap_tokens"], cfg["min_tokens"]):
             if record["_id"] in passages:
                 duplicates += 1
+                merge_duplicate(passages[record["_id"]], record)  # its ids still point here
             else:
                 passages[record["_id"]] = record
     for item in skipped:

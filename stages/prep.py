@@ -12,7 +12,16 @@ import click
 from embedpipe.console import summary, warn
 from embedpipe.distillation import mining_depth, teacher_rescore
 from embedpipe.embed_store import encode_cached, encode_counts
-from embedpipe.io import FormatError, load_corpus, passage_text, read_jsonl, write_beir, write_json, write_jsonl
+from embedpipe.io import (
+    FormatError,
+    load_corpus,
+    passage_text,
+    read_jsonl,
+    without_structure,
+    write_beir,
+    write_json,
+    write_jsonl,
+)
 from embedpipe.mining import (
     GROUP_BY,
     MARGIN_MODES,
@@ -129,9 +138,10 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
     out = Path(out_dir)
     write_jsonl(out / "train.jsonl", train_ex)
     write_jsonl(out / "val.jsonl", val_ex)
-    write_jsonl(out / "train_corpus.jsonl", (corpus[p] for p in train_ids))
+    # the passages' `structure` (links, ids: half of a linked corpus's bytes) only serves sdg: not copied on
+    write_jsonl(out / "train_corpus.jsonl", (without_structure(corpus[p]) for p in train_ids))
     queries, qrels = beir_test_set(split.test)
-    write_beir(out / "eval", corpus.values(), queries, qrels)
+    write_beir(out / "eval", (without_structure(r) for r in corpus.values()), queries, qrels)
 
     pos = [s for ps in mined.pos_scores for s in ps]
     neg = [s for ns in mined.neg_scores for s in ns]

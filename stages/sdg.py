@@ -1,7 +1,8 @@
 """Stage `sdg`: passages -> synthetic question-answer pairs (data/sdg/qa.jsonl), judged and filtered.
 
 Generators: an LLM (any OpenAI-compatible endpoint, or an embedded llama.cpp server when
-sdg.llm.base_url is empty) and the LLM-free inverse cloze (a supplement, capped by max_share). Gates,
+sdg.llm.base_url is empty) and the LLM-free inverse cloze, heading, anchor and definition pairs (supplements, each
+capped by its max_share; `embedpipe.sdg_structure`). Gates,
 cheapest first: junk -> context -> dedup -> retrieval consistency -> LLM judge. The LLM phase stops
 issuing requests when sdg.llm.time_budget_s is spent. Every LLM request is cached in cache/llm/ (outside DVC outs),
 so an interrupted run resumes without repeating finished requests.
@@ -25,8 +26,9 @@ from embedpipe.llm import LLMClient, LLMConfig, LLMFatalError, RequestCache
 from embedpipe.llm_server import EmbeddedServer, ServerError, model_file, recommended_api
 from embedpipe.models import ModelNotAvailable, load_model
 from embedpipe.params import ParamsError, load_params, section
-from embedpipe.sdg_gates import CandidatePool
+from embedpipe.sdg_gates import CandidatePool, is_llm_free
 from embedpipe.sdg_jobs import generate_pairs, inverse_cloze_records, plan_jobs
+from embedpipe.sdg_structure import anchor_records, definition_records, heading_records
 
 
 @click.command()
@@ -132,6 +134,20 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
             generated["inverse_cloze"] += len(ict_recs)
             pool.candidates.extend(ict_recs)
             pool.text_gates(corpus, gates)
+        # 3b. heading and anchor pairs (no LLM, from the passages' `structure`), each capped by its max_share below
+        structure: dict[str, dict] = {}
+        for name, make in (("headings", heading_records), ("anchors", anchor_records),
+                           ("definitions", definition_records)):
+            scfg = cfg.get(name) or {}
+            if not scfg.get("enabled", False):
+                continue
+            if not any("structure" in r for r in corpus.values()):
+                warn(f"sdg.{name}: the passages have no 'structure' field (a corpus from an older chunk stage): "
+                     "rerun chunk")
+            recs, found = make(corpus, scfg, cfg.get("seed", 0))
+            structure[name] = found.as_dict()
+            generated[name] += len(recs)
+            pool.candidates.extend(recs)
         # 4. dedup + 5. retrieval consistency (base embedder)
         q_emb = encode_cached(embedder, [c["question"] for c in pool.candidates], mcfg.get("query_prompt", ""),
                               desc="sdg: questions", kind="query")
@@ -147,6 +163,8 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         cap = ict_cap() if ict.get("enabled", True) else None
         if cap is not None:  # exactly max_share now that every gate has run
             pool.cap_inverse_cloze(cap, ict.get("max_share"))
+        for name in structure:
+            pool.cap_generator(name, float(cfg[name].get("max_share", 1)))
     except LLMFatalError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
@@ -181,8 +199,10 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         "inverse_cloze_sentence_removed": sum(bool(c.get("positive_texts")) for c in candidates),
         "accepted": len(candidates),
         "acceptance_rate": round(len(candidates) / total_generated, 4) if total_generated else 0.0,
-        "accepted_llm": sum(c["generator"] != "inverse_cloze" for c in candidates),
-        "acceptance_rate_llm": round(sum(c["generator"] != "inverse_cloze" for c in candidates) / max(1, len(jobs)), 4),
+        "accepted_llm": sum(not is_llm_free(c) for c in candidates),
+        "acceptance_rate_llm": round(sum(not is_llm_free(c) for c in candidates) / max(1, len(jobs)), 4),
+        "structure": {name: {**found, "accepted": sum(c["generator"] == name for c in candidates)}
+                      for name, found in structure.items()},
         "mix_query_type": dict(Counter(c["query_type"] for c in candidates)),
         "mix_reasoning_type": dict(Counter(c["reasoning_type"] for c in candidates)),
         "mix_hop_count": {str(k): v for k, v in sorted(Counter(c["hop_count"] for c in candidates).items())},
@@ -202,8 +222,22 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         "cache hits": stats.get("cache_hits", 0), "failures": sum(failures.values()), "generated": total_generated,
         **{f"removed by {g}": n for g, n in pool.removed.items()},
         "accepted": len(candidates), "acceptance rate": metrics["acceptance_rate"],
-        "accepted (LLM)": metrics["accepted_llm"], "wall time s": metrics["wall_time_s"],
+        "accepted (LLM)": metrics["accepted_llm"],
+        **{k: v for name, found in metrics["structure"].items() for k, v in structure_summary(name, found).items()},
+        "wall time s": metrics["wall_time_s"],
     })
+
+
+def structure_summary(name: str, found: dict) -> dict[str, object]:
+    """Summary lines for a heading / anchor generator: pairs made and accepted, what was left out and why."""
+    def reasons(counts: dict[str, int]) -> str:
+        return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+
+    out: dict[str, object] = {f"{name}: candidates": found["candidates"], f"{name}: pairs made": found["pairs"],
+                              f"{name}: accepted": found["accepted"], f"{name}: filtered": reasons(found["filtered"])}
+    if "unresolved_links" in found:
+        out[f"{name}: unresolved links"] = reasons(found["unresolved_links"])
+    return out
 
 
 if __name__ == "__main__":
