@@ -180,9 +180,12 @@ def main(
 
 
 def load_local(name: str, model_cfg: dict[str, Any]) -> Any:
+    """A local model for corpus-sized encodes: on the bulk encoder (ONNX Runtime where exact, `model.bulk_encoder`)."""
+    from embedpipe.bulk_encoder import use_bulk_encoder
     from embedpipe.models import load_model
 
-    return load_model(name, model_cfg.get("device"), model_cfg.get("max_seq_length"))
+    model = load_model(name, model_cfg.get("device"), model_cfg.get("max_seq_length"))
+    return use_bulk_encoder(model, model_cfg.get("bulk_encoder", "auto"))
 
 
 def evaluate_local(

@@ -92,7 +92,8 @@ def run_encoder(fn, data: dict[str, Any], query_prompt: str, passage_prompt: str
 
 def torch_reference(model: Any, data: dict[str, Any], query_prompt: str, passage_prompt: str,
                     timing_texts: int = 32) -> tuple[np.ndarray, float, dict, dict[str, Any]]:
-    """PyTorch vectors for the parity check, read from the embedding store where eval already put them.
+    """PyTorch vectors for the parity check, read from the embedding store where a torch encode put them (eval
+    with `model.bulk_encoder: torch`, an earlier export), else encoded here.
 
     Returns (rows, torch seconds for all texts, retrieval metrics, info). When the store had (nearly) every
     vector, torch's speed is measured on `timing_texts` texts spread over the set, not by encoding it all again.
@@ -194,7 +195,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         console.print(f"TensorRT: skipped ({trt_reason})")
 
     threads = int(cfg.get("threads", 0))
-    # Torch vectors come from the embedding store (eval encoded the test set with this model): only ONNX encodes here.
+    # Torch vectors (never the bulk encoder's ONNX ones: another fingerprint) from the store, else encoded here.
     ref, torch_s, ref_metrics, ref_info = torch_reference(model, data, query_prompt, passage_prompt)
     report: dict[str, Any] = {"torch": {"seconds": round(torch_s, 3), "texts_per_s": round(n_texts / torch_s, 1),
                                         "metrics": ref_metrics, **ref_info}}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from embedpipe.bulk_encoder import use_bulk_encoder
 from embedpipe.console import summary, warn
 from embedpipe.distillation import mining_depth, teacher_rescore
 from embedpipe.embed_store import encode_cached, encode_counts
@@ -96,6 +97,7 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         model = load_model(mcfg["base_model"], mcfg.get("device"), mcfg.get("max_seq_length"))
     except ModelNotAvailable as e:
         raise click.ClickException(str(e)) from None
+    use_bulk_encoder(model, mcfg.get("bulk_encoder", "auto"))
     if cfg.get("cache_dir"):
         warn("prep.cache_dir is no longer used: base-model vectors live in the shared embedding store "
              "($EMBEDPIPE_EMBED_CACHE, default cache/embeddings); remove the key from params.yaml")
