@@ -8,7 +8,8 @@ gives the same vectors (cosine 1.0 to 1e-6 on real passages) about 2x faster tha
 `torch` = always torch. ONNX is used only when it is exact: the graph is exported once per model fingerprint
 and sequence length into `<embedding store>/onnx/` and, in every process, the first encode's texts (a sample of
 them, the longest included) are encoded by both torch and ONNX; ONNX serves only when every cosine is at least
-`PARITY_COSINE_MIN`. Anything else (no onnxruntime, an export error, a parity miss) falls back to torch with
+`PARITY_COSINE_MIN`. (A call whose texts are all in the store under the ONNX fingerprint, for a graph that passed
+in an earlier process, is answered from the store without a check: nothing is encoded.) Anything else (no onnxruntime, an export error, a parity miss) falls back to torch with
 one printed line saying why. ONNX vectors are stored under a fingerprint of their own (`embed_store`), so the
 reference checks (export parity, deploy_check), which stay torch, never compare ONNX with ONNX.
 
@@ -92,6 +93,17 @@ def export_graph(model: Any, folder: Path) -> Path:
         model.to(device)  # export_onnx moves the model to the CPU
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def verified_on_disk(cache_root: Path | None, fingerprint: str, max_seq_length: int | None) -> bool:
+    """Whether an earlier process exported this model's graph and it passed parity on that process's texts."""
+    if cache_root is None:
+        return False
+    path = graph_folder(cache_root, fingerprint, max_seq_length) / "parity.json"
+    try:
+        return bool(json.loads(path.read_text()).get("passed"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def parity_sample(texts: list[str], n: int = PARITY_SAMPLE) -> list[str]:

@@ -52,14 +52,18 @@ def test_onnx_bulk_encoder_matches_torch_and_is_stored_apart(tmp_path, tiny_corp
     folders = sorted(tmp_path.glob("*-L256"))
     backends = {json.loads(next(f.glob("*.json")).read_text())["backend"] for f in folders}
     assert len(folders) == 2 and backends == {"onnx-fp32", "torch"}
-    # Exported once per fingerprint: a new process (new model object) reuses the graph in the cache dir.
+    # Exported once per fingerprint: a new process (new model object) reuses the graph in the cache dir; when
+    # the store has every text it needs no encoder at all, else it checks parity on its own texts first.
     graphs = list((tmp_path / "onnx").glob("*/model.onnx"))
     assert len(graphs) == 1 and (graphs[0].parent / "parity.json").is_file()
     monkeypatch.setattr("embedpipe.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported twice"))
     embed_store._OPEN.clear()
     again = use_bulk_encoder(fresh_model(), "auto")
     np.testing.assert_array_equal(encode_cached(again, passages, "", root=tmp_path), p_onnx)
-    assert read_encode_log(tmp_path)[-1]["encoded"] == 0
+    assert read_encode_log(tmp_path)[-1]["encoded"] == 0 and not hasattr(again, "_embedpipe_bulk_state")
+    more = encode_cached(again, passages + ["The K2 boils 1.7 l in four minutes."], "", root=tmp_path)
+    assert again._embedpipe_bulk_state.parity["passed"] and read_encode_log(tmp_path)[-1]["encoded"] == 1
+    np.testing.assert_array_equal(more[:-1], p_onnx)
 
 
 def test_forced_fallback_says_why_once_and_encodes_with_torch(tmp_path, monkeypatch, capsys):
