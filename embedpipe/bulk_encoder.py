@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -163,7 +162,7 @@ def resolve(model: Any, texts: list[str], prompt: str, fingerprint: str, cache_r
             folder = graph_folder(root, fingerprint, getattr(model, "max_seq_length", None))
             t0 = time.perf_counter()
             export_graph(model, folder)
-            encoder = OnnxEncoder(folder, ONNX_VARIANT, device="cpu", threads=int(os.environ.get("EMBEDPIPE_ONNX_THREADS", "0")))
+            encoder = OnnxEncoder(folder, ONNX_VARIANT, device="cpu")
             parity = check_parity(model, encoder, texts, prompt)
             parity["setup_s"] = round(time.perf_counter() - t0, 2)
             if not parity["passed"]:

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from embedpipe.console import alert, console, summary, warn
-from embedpipe.embed_store import encode_counts
+from embedpipe.embed_store import encode_backends, encode_counts
 from embedpipe.endpoint import EmbeddingEndpoint, EndpointError
 from embedpipe.evaluation import (
     HEADLINE,
@@ -270,7 +270,8 @@ def run_models(
     counts = encode_counts()
     for label in results:
         c = counts.get(names[label], {"requested": 0, "encoded": 0})
-        rows[f"{label} texts encoded"] = f"{c['encoded']} of {c['requested']} (the rest from the embedding store)"
+        on = encode_backends().get(names[label], "torch")
+        rows[f"{label} texts encoded"] = f"{c['encoded']} of {c['requested']} on {on} (the rest from the embedding store)"
     rows.update({"report": str(out / "report.md"), "wall time (s)": f"{time.time() - started:.1f}"})
     summary("eval", rows)
     if regression:

@@ -12,7 +12,7 @@ import click
 from embedpipe.bulk_encoder import use_bulk_encoder
 from embedpipe.console import summary, warn
 from embedpipe.distillation import mining_depth, teacher_rescore
-from embedpipe.embed_store import encode_cached, encode_counts
+from embedpipe.embed_store import encode_backends, encode_cached, encode_counts
 from embedpipe.io import FormatError, load_corpus, passage_text, read_jsonl, write_beir, write_json, write_jsonl
 from embedpipe.mining import (
     GROUP_BY,
@@ -173,7 +173,8 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         elif value is not None:
             rows[key] = value
     c = encode_counts().get(model._embedpipe_name, {"requested": 0, "encoded": 0})
-    rows["texts encoded"] = f"{c['encoded']} of {c['requested']} (the rest from the embedding store)"
+    on = encode_backends().get(model._embedpipe_name, "torch")
+    rows["texts encoded"] = f"{c['encoded']} of {c['requested']} on {on} (the rest from the embedding store)"
     summary("prep", rows)
 
 
