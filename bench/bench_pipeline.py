@@ -12,6 +12,12 @@ corpus in <= 10 min.
     python bench/bench_pipeline.py --docs /work/django-faq/docs                 # the real run (~1 h on 2 cores)
     python bench/bench_pipeline.py --docs tests/data/tiny_docs -S sdg.llm.enabled=false \\
         -S finetune.cpu.max_steps=2 --out /tmp/pipeline-smoke.json               # smoke run
+    python bench/bench_pipeline.py --fp32     # the sample corpus as an fp32-only CPU runs it (EMBEDPIPE_BF16=off)
+                                              # -> bench/results/pipeline-sample-fp32.json
+
+`--fp32` runs every stage with `EMBEDPIPE_BF16=off`, so each `bf16: auto` takes the fp32 path even on a CPU with
+AVX-512 BF16 / AMX: what most users' CPUs run. The result records `bf16` (whether the stages could use native
+bfloat16) and `cpu`.
 
 Encodes the log cannot see (they do not go through the store): ONNX variants in export's parity check,
 the server's own encodes in deploy_check, and any stage not yet wired to the store (listed under
@@ -39,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embedpipe.embed_store import STORE_ENV, read_encode_log  # noqa: E402
+from embedpipe.models import BF16_SWITCH, cpu_has_bf16  # noqa: E402
 
 TARGET_DOCS_S = 45 * 60  # a 5-15k-passage doc set, default params, 2 cores
 TARGET_SAMPLE_S = 10 * 60  # the sample corpus
@@ -103,6 +110,7 @@ def encode_summary(log: list[dict[str, Any]], passages: int, roles: dict[str, st
         entry = per_role.setdefault(role, {"label": r["model"], "fingerprints": set(), "passages_encoded": 0,
                                            "queries_encoded": 0, "other_encoded": 0, "requested": 0, "by_stage": {}})
         entry["fingerprints"].add(r["fingerprint"])
+        entry.setdefault("backends", set()).add(r.get("backend") or "torch")
         field = {"passage": "passages_encoded", "query": "queries_encoded"}.get(r.get("kind"), "other_encoded")
         entry[field] += r["encoded"]
         entry["requested"] += r["requested"]
@@ -112,21 +120,55 @@ def encode_summary(log: list[dict[str, Any]], passages: int, roles: dict[str, st
         stage["requested"] += r["requested"]
     for entry in per_role.values():
         entry["fingerprints"] = sorted(entry["fingerprints"])
+        entry["backends"] = sorted(entry.get("backends", ()))
         entry["encodes_per_passage"] = round(entry["passages_encoded"] / passages, 3) if passages else None
     return per_role
 
 
-def main() -> None:
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, `--out` resolved: pipeline.json, or pipeline-sample-fp32.json / pipeline-fp32.json with --fp32."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=Path, default=None, help="documents folder (default: params' chunk.docs_dir)")
     ap.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="params.yaml override, repeatable (e.g. -S sdg.llm.enabled=false)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.json")
+    ap.add_argument("--fp32", action="store_true",
+                    help=f"run every stage with {BF16_SWITCH}=off (the fp32 path an fp32-only CPU takes)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default bench/results/pipeline.json; with --fp32 pipeline-sample-fp32.json, "
+                         "or pipeline-fp32.json with --docs)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.docs is not None and not args.docs.is_dir():
         raise SystemExit(f"--docs {args.docs}: not a folder")
+    if args.out is None:
+        name = ("pipeline-fp32.json" if args.docs else "pipeline-sample-fp32.json") if args.fp32 else "pipeline.json"
+        args.out = ROOT / "bench" / "results" / name
+    return args
+
+
+def stage_environment(work: Path, store: Path, fp32: bool) -> dict[str, str]:
+    """The stages' environment: the scratch copy on PYTHONPATH, its own embedding store, offline; bf16 off with fp32."""
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PYTHONPATH=str(work), HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
+               DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false", PATH=bindir + os.pathsep + os.environ["PATH"],
+               **{STORE_ENV: str(store)})
+    if fp32:
+        env[BF16_SWITCH] = "off"
+    return env
+
+
+def main() -> None:
+    args = parse_args()
+    if args.fp32:
+        os.environ[BF16_SWITCH] = "off"  # the result's `bf16` then says what the stages saw
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embedpipe-bench-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -136,10 +178,7 @@ def main() -> None:
     dvc_yaml = yaml.safe_load((work / "dvc.yaml").read_text())
     metrics_of = stage_metrics(dvc_yaml)
     store = work / "cache" / "embeddings"
-    bindir = str(Path(sys.executable).parent)
-    env = dict(os.environ, PYTHONPATH=str(work), HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
-               DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false", PATH=bindir + os.pathsep + os.environ["PATH"],
-               **{STORE_ENV: str(store)})
+    env = stage_environment(work, store, args.fp32)
     dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
     print(f"bench_pipeline: scratch copy in {work}", file=sys.stderr, flush=True)
 
@@ -179,6 +218,9 @@ def main() -> None:
                                      text=True).stdout.strip(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "gpu": bool(shutil.which("nvidia-smi"))},
+        "cpu": cpu_name(),
+        "bf16": cpu_has_bf16(),  # False with --fp32: every `bf16: auto` took the fp32 path
+        "fp32_mode": args.fp32,
         "docs": str(args.docs) if args.docs else str(params["chunk"]["docs_dir"]),
         "overrides": args.overrides,
         "passages": passages,

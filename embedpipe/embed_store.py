@@ -107,10 +107,12 @@ def _file_sha256(path: Path) -> str:
 class EmbeddingStore:
     """Vectors of one model (one fingerprint and sequence length), looked up by text key."""
 
-    def __init__(self, root: str | Path, fingerprint: str, max_seq_length: int | None, label: str = "") -> None:
+    def __init__(self, root: str | Path, fingerprint: str, max_seq_length: int | None, label: str = "",
+                 backend: str = "") -> None:
         self.folder = model_folder(root, fingerprint, max_seq_length)
         self.fingerprint = fingerprint
         self.label = label
+        self.backend = backend
         self._index: dict[bytes, tuple[int, int]] = {}
         self._shards: list[np.ndarray] = []
         self._load()
@@ -192,7 +194,7 @@ class EmbeddingStore:
         with vecs_path.open("wb") as f:
             np.save(f, vectors)
         meta = {"rows": len(keys), "dim": int(vectors.shape[1]), "model": self.label,
-                "fingerprint": self.fingerprint, "keys_sha256": _file_sha256(keys_path),
+                "backend": self.backend, "fingerprint": self.fingerprint, "keys_sha256": _file_sha256(keys_path),
                 "vecs_sha256": _file_sha256(vecs_path)}
         tmp = Path(f"{stem}.json.tmp")
         tmp.write_text(json.dumps(meta))
@@ -218,25 +220,26 @@ class EmbeddingStore:
 _OPEN: dict[Path, EmbeddingStore] = {}
 
 
-def open_store(root: Path, fingerprint: str, max_seq_length: int | None, label: str = "") -> EmbeddingStore:
+def open_store(root: Path, fingerprint: str, max_seq_length: int | None, label: str = "",
+               backend: str = "") -> EmbeddingStore:
     """One `EmbeddingStore` per model folder and process: shards are read and checked once, not per call."""
     folder = model_folder(root, fingerprint, max_seq_length)
     store = _OPEN.get(folder)
     if store is None or not folder.is_dir() and len(store):
-        store = _OPEN[folder] = EmbeddingStore(root, fingerprint, max_seq_length, label)
+        store = _OPEN[folder] = EmbeddingStore(root, fingerprint, max_seq_length, label, backend)
     return store
 
 
 def log_encodes(root: Path, label: str, fingerprint: str, requested: int, encoded: int,
-                kind: str | None = None) -> None:
+                kind: str | None = None, backend: str = "") -> None:
     """One line per call in `<root>/encode_log.jsonl`: how many texts were asked for and really encoded.
 
     `kind` ("passage" / "query") lets a benchmark count encodes per corpus passage without storing texts.
     """
     root.mkdir(parents=True, exist_ok=True)
     line = {"time": round(time.time(), 3), "stage": os.environ.get("EMBEDPIPE_STAGE") or Path(sys.argv[0]).stem,
-            "model": label, "fingerprint": fingerprint[:24], "kind": kind, "requested": requested,
-            "encoded": encoded}
+            "model": label, "backend": backend, "fingerprint": fingerprint[:24], "kind": kind,
+            "requested": requested, "encoded": encoded}
     with (root / "encode_log.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -267,6 +270,7 @@ def encode_texts(
     desc: str = "encode",
     root: Path | None | str = "env",
     kind: str | None = None,
+    backend: str = "",
 ) -> np.ndarray:
     """Vectors for `texts` (with `prompt` prepended by `encode_fn`), encoding only what the store lacks.
 
@@ -276,7 +280,7 @@ def encode_texts(
     """
     root = store_root() if root == "env" else (Path(root) if root else None)
     texts = list(texts)
-    store = open_store(root, fingerprint, max_seq_length, label) if root is not None else None
+    store = open_store(root, fingerprint, max_seq_length, label, backend) if root is not None else None
     keys = text_keys(texts, prompt)
     out, hits = store.lookup(keys) if store is not None else (None, np.zeros(len(texts), dtype=bool))
     # Unique missing texts, in first-seen order.
@@ -305,7 +309,7 @@ def encode_texts(
     counts["requested"] += len(texts)
     counts["encoded"] += len(todo)
     if root is not None:
-        log_encodes(root, label, fingerprint, len(texts), len(todo), kind)
+        log_encodes(root, label, fingerprint, len(texts), len(todo), kind, backend)
     if out is None:  # no texts at all
         return np.zeros((0, 0), dtype=np.float32)
     return out
@@ -338,6 +342,8 @@ def encode_cached(
 
     `bf16`: encode under bfloat16 autocast (~2.6x faster on CPUs with AMX, cosine >= 0.9999 to fp32); its
     vectors are stored under their own fingerprint, so fp32 and bf16 vectors never answer for each other.
+    A model marked with `embedpipe.bulk_encoder.use_bulk_encoder` (and not bf16) encodes on ONNX Runtime when
+    that passed its parity check against torch; those vectors too have a fingerprint of their own.
     """
     from embedpipe.models import encode
 
@@ -345,17 +351,51 @@ def encode_cached(
     if not texts:
         return encode(model, [], prompt)
     name = label or getattr(model, "_embedpipe_name", None) or type(model).__name__
+    root = store_root() if root == "env" else (Path(root) if root else None)
+    fingerprint = model_fingerprint(model)
+    seq = getattr(model, "max_seq_length", None)
+    onnx = None
+    if not bf16 and getattr(model, "_embedpipe_bulk", "torch") != "torch":
+        from embedpipe.bulk_encoder import STATE, onnx_fingerprint, resolve, verified_on_disk
+
+        graphs = root / "onnx" if root is not None else None
+        if getattr(model, STATE, None) is None and verified_on_disk(graphs, fingerprint, seq):
+            # All in the store (an earlier stage encoded them with this graph): no encoder, no parity run needed.
+            stored = open_store(root, onnx_fingerprint(fingerprint), seq, name, "onnx-fp32")
+            if stored.lookup(text_keys(texts, prompt))[1].all():
+                _BACKENDS[name] = "onnx-fp32"
+                return encode_texts(_never_called, texts, prompt=prompt, fingerprint=stored.fingerprint,
+                                    max_seq_length=seq, label=name, desc=desc, root=root, kind=kind,
+                                    backend="onnx-fp32")
+        onnx = resolve(model, texts, prompt, fingerprint, graphs).encoder
 
     def encode_fn(chunk: list[str]) -> np.ndarray:
+        if onnx is not None:
+            return onnx.encode(chunk, prompt=prompt, batch_size=batch_size)
         import torch
 
         with torch.inference_mode(), torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
             return encode(model, chunk, prompt=prompt, batch_size=batch_size)
 
-    fingerprint = model_fingerprint(model)
+    backend = "torch-bf16" if bf16 else "torch"
     if bf16:  # a fingerprint of its own (hashed: the store's folder name keeps only a prefix)
         fingerprint = hashlib.sha256(f"{fingerprint}:bf16-autocast".encode()).hexdigest()
+    elif onnx is not None:
+        fingerprint, backend = onnx_fingerprint(fingerprint), f"onnx-{onnx.variant}"
+    _BACKENDS[name] = backend
     return encode_texts(
-        encode_fn, texts, prompt=prompt, fingerprint=fingerprint, max_seq_length=getattr(model, "max_seq_length", None),
-        label=name, desc=desc, root=root, kind=kind,
+        encode_fn, texts, prompt=prompt, fingerprint=fingerprint, max_seq_length=seq,
+        label=name, desc=desc, root=root, kind=kind, backend=backend,
     )
+
+
+def _never_called(texts: list[str]) -> np.ndarray:
+    raise AssertionError("every text was in the store")
+
+
+_BACKENDS: dict[str, str] = {}
+
+
+def encode_backends() -> dict[str, str]:
+    """The backend each model label last encoded with in this process (torch, torch-bf16, onnx-fp32)."""
+    return dict(_BACKENDS)

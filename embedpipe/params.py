@@ -50,6 +50,9 @@ class Model(_Section):
     passage_prompt: str = F("", "prefix added to passages (e.g. nemotron-embed: 'passage: ')")
     max_seq_length: int = F(256, "tokens per text when encoding and serving", gt=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = F("auto", "where models run")
+    bulk_encoder: Literal["auto", "onnx", "torch"] = F(
+        "auto", "corpus encodes of sdg/prep/eval: auto = ONNX Runtime fp32 on a CPU when it matches torch, else torch"
+    )
 
 
 # --- chunk -----------------------------------------------------------------------------------------------------
@@ -330,13 +333,13 @@ class Export(_Section):
     metric_tolerance: float = F(0.01, "largest |metric drift| allowed at @5 and beyond", ge=0)
     quantized_cosine_min: float = F(0.99, "quantized variants' acceptance without a test set", gt=0, le=1)
     optimize: bool = F(True, "fp32_opt: onnxruntime's transformer optimizer, fp32")
-    int8: bool = F(True, "dynamic int8 (per-channel MatMul weights)")
+    int8: bool = F(False, "dynamic int8 (per-channel MatMul weights): only on request (batch-dependent vectors)")
     int8_fp32_matmuls: int = F(6, "int8: this many MatMuls with the largest int8 error stay fp32", ge=0)
     int8_reduce_range: bool = F(True, "int8: 7-bit weights (no saturation in AVX2 int8 kernels)")
     calibration_passages: int = F(64, "int8: passages the per-MatMul error is measured on", gt=0)
     int8_block: bool = F(True, "int8_block: 8-bit MatMulNBits, block-wise scales")
     int8_block_size: int = F(32, "int8_block: elements per scale along K", gt=0)
-    fp16: bool = F(True, "GPU: fp16 weights/activations")
+    fp16: bool | Auto = F("auto", "fp16 weights/activations: auto = only with a CUDA GPU")
     torch_bf16: bool | Auto = F("auto", "torch under bf16 autocast as a served variant: auto = on CPUs with native bf16")
     fp16_device: Literal["cpu", "cuda"] = F("cpu", "where the fp16 parity check runs")
     threads: int = F(0, "onnxruntime intra-op threads for parity runs (0 = all cores)", ge=0)

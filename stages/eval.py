@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from embedpipe.console import alert, console, summary, warn
-from embedpipe.embed_store import encode_counts
+from embedpipe.embed_store import encode_backends, encode_counts
 from embedpipe.endpoint import EmbeddingEndpoint, EndpointError
 from embedpipe.evaluation import (
     HEADLINE,
@@ -180,9 +180,12 @@ def main(
 
 
 def load_local(name: str, model_cfg: dict[str, Any]) -> Any:
+    """A local model for corpus-sized encodes: on the bulk encoder (ONNX Runtime where exact, `model.bulk_encoder`)."""
+    from embedpipe.bulk_encoder import use_bulk_encoder
     from embedpipe.models import load_model
 
-    return load_model(name, model_cfg.get("device"), model_cfg.get("max_seq_length"))
+    model = load_model(name, model_cfg.get("device"), model_cfg.get("max_seq_length"))
+    return use_bulk_encoder(model, model_cfg.get("bulk_encoder", "auto"))
 
 
 def evaluate_local(
@@ -267,7 +270,8 @@ def run_models(
     counts = encode_counts()
     for label in results:
         c = counts.get(names[label], {"requested": 0, "encoded": 0})
-        rows[f"{label} texts encoded"] = f"{c['encoded']} of {c['requested']} (the rest from the embedding store)"
+        on = encode_backends().get(names[label], "torch")
+        rows[f"{label} texts encoded"] = f"{c['encoded']} of {c['requested']} on {on} (the rest from the embedding store)"
     rows.update({"report": str(out / "report.md"), "wall time (s)": f"{time.time() - started:.1f}"})
     summary("eval", rows)
     if regression:

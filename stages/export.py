@@ -1,4 +1,9 @@
-"""Stage `export`: models/finetuned -> models/onnx (fp32, optimised fp32, int8, fp16 ONNX, TensorRT on GPU, Triton).
+"""Stage `export`: models/finetuned -> models/onnx (fp32, optimised fp32, int8_block; fp16 and TensorRT on a GPU;
+dynamic int8 on request; Triton).
+
+Only variants that can win on this machine are built (`variant_plan`): no fp16 without a GPU, no dynamic int8
+unless `export.int8: true`, torch_bf16 only on CPUs with native bfloat16; each skipped variant is named with its
+reason in the summary and in metrics/export.json (`variants.<name>.skipped`, `skipped_variants`).
 
 Every variant is checked against the PyTorch model on the test set (cosine per text, and the retrieval
 metrics through the same code as the eval stage); the fp32 graph failing its check fails the stage, any other
@@ -11,6 +16,7 @@ CPU variant that passed (not dynamic int8) becomes the served default (`default_
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import sys
@@ -26,7 +32,7 @@ from embedpipe.console import alert, console, summary, warn
 from embedpipe.embed_store import encode_cached, encode_counts
 from embedpipe.io import FormatError, load_beir, load_corpus, passage_text, write_json
 from embedpipe.metrics import evaluate
-from embedpipe.models import ModelNotAvailable, cpu_has_bf16, encode, load_model
+from embedpipe.models import BF16_SWITCH, ModelNotAvailable, cpu_has_bf16, encode, load_model
 from embedpipe.onnx_encoder import (
     BATCH_DEPENDENT,
     CPU_VARIANTS,
@@ -81,6 +87,61 @@ def load_texts(eval_dir: Path, fallback_corpus: Path, max_passages: int = 0, see
             "passages": [passage_text(corpus[pid]) for pid in ids], "queries": [], "corpus_total": len(corpus)}
 
 
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def variant_plan(cfg: dict[str, Any], gpu: bool, native_bf16: bool) -> tuple[dict[str, bool], dict[str, str]]:
+    """Which optional variants to build ({variant: True}) and which to skip ({variant: reason}).
+
+    Only what can win on this machine is built by default: fp16 needs a GPU (on a CPU its kernels are slower than
+    fp32's), dynamic int8 only on request (its vectors depend on the batch, so it is never the served default),
+    torch_bf16 only on CPUs with native bfloat16 (emulated bf16 is slow). Each reason names the key that asks anyway.
+    """
+    build: dict[str, bool] = {}
+    skipped: dict[str, str] = {}
+
+    def flag(key: str, default: Any) -> str:
+        value = cfg.get(key, default)
+        return str(value).lower() if not isinstance(value, bool) else ("true" if value else "false")
+
+    if flag("optimize", True) == "true":
+        build["fp32_opt"] = True
+    else:
+        skipped["fp32_opt"] = "export.optimize: false"
+    if flag("int8", False) == "true":
+        build["int8"] = True
+    else:
+        skipped["int8"] = ("dynamic int8 is built only on request (export.int8: true): its vectors depend on the "
+                           "batch, so it is never the served default")
+    if flag("int8_block", True) == "true":
+        build["int8_block"] = True
+    else:
+        skipped["int8_block"] = "export.int8_block: false"
+    fp16 = flag("fp16", "auto")
+    if fp16 == "true" or (fp16 == "auto" and gpu):
+        build["fp16"] = True
+    else:
+        skipped["fp16"] = ("no CUDA GPU here: fp16 serves GPUs (export.fp16: true builds it anyway)" if fp16 == "auto"
+                           else "export.fp16: false")
+    bf16 = flag("torch_bf16", "auto")
+    if bf16 == "true" or (bf16 == "auto" and native_bf16):
+        build[TORCH_VARIANT] = True
+    elif bf16 == "auto":
+        off = os.environ.get(BF16_SWITCH, "").strip().lower() in ("off", "0", "false", "no")
+        skipped[TORCH_VARIANT] = (f"{BF16_SWITCH}=off: bfloat16 is treated as emulated" if off else
+                                  "this CPU has no native bfloat16 (AVX-512 BF16 / AMX)") + \
+            "; export.torch_bf16: true checks it anyway"
+    else:
+        skipped[TORCH_VARIANT] = "export.torch_bf16: false"
+    return build, skipped
+
+
 def run_encoder(fn, data: dict[str, Any], query_prompt: str, passage_prompt: str) -> tuple[np.ndarray, float, dict]:
     """Encode passages + queries with fn(texts, prompt); return (all rows, seconds, retrieval metrics or {})."""
     (p, q), seconds = timed(lambda: (fn(data["passages"], passage_prompt), fn(data["queries"], query_prompt)))
@@ -92,7 +153,8 @@ def run_encoder(fn, data: dict[str, Any], query_prompt: str, passage_prompt: str
 
 def torch_reference(model: Any, data: dict[str, Any], query_prompt: str, passage_prompt: str,
                     timing_texts: int = 32) -> tuple[np.ndarray, float, dict, dict[str, Any]]:
-    """PyTorch vectors for the parity check, read from the embedding store where eval already put them.
+    """PyTorch vectors for the parity check, read from the embedding store where a torch encode put them (eval
+    with `model.bulk_encoder: torch`, an earlier export), else encoded here.
 
     Returns (rows, torch seconds for all texts, retrieval metrics, info). When the store had (nearly) every
     vector, torch's speed is measured on `timing_texts` texts spread over the set, not by encoding it all again.
@@ -129,7 +191,8 @@ def torch_reference(model: Any, data: dict[str, Any], query_prompt: str, passage
 def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: str | None, metrics_path: str) -> None:
     """Export the fine-tuned model to ONNX (one graph: token ids -> normalised embedding) and check parity.
 
-    Writes OUT/model.onnx, OUT/model_opt.onnx, OUT/model_int8*.onnx and OUT/model_fp16.onnx (each kept only
+    Writes OUT/model.onnx, OUT/model_opt.onnx, OUT/model_int8_block.onnx (on request OUT/model_int8.onnx; with a GPU
+    OUT/model_fp16.onnx), each kept only
     when its check passes), on CPUs with native bfloat16 OUT/torch/ (the torch_bf16 variant, when it passes),
     the tokenizer, OUT/embedpipe.json (prompts, max length, dimension, name, the served default), OUT/triton/
     (a Triton model repository) and, on a GPU with TensorRT, an engine. Fails when the fp32 graph does not match.
@@ -162,7 +225,10 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's "consider pre-processing" advice
     variants = ["fp32"]
     build: dict[str, dict[str, Any]] = {}
-    if cfg.get("optimize"):
+    wanted, skipped = variant_plan(cfg, has_cuda(), cpu_has_bf16())
+    for variant, reason in skipped.items():
+        console.print(f"{variant}: skipped ({reason})")
+    if wanted.get("fp32_opt"):
         hf = getattr(model[0], "auto_model", None)
         heads, hidden = (getattr(hf.config, "num_attention_heads", 0), getattr(hf.config, "hidden_size", 0)) if hf else (0, 0)
         try:
@@ -172,19 +238,20 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
             variants.append("fp32_opt")
         except Exception as e:  # an architecture the optimizer does not know: fp32 still serves
             warn(f"fp32_opt: the transformer optimizer failed ({type(e).__name__}: {e}); skipped")
-    if cfg.get("int8"):
+            skipped["fp32_opt"] = f"the transformer optimizer failed ({type(e).__name__})"
+    if wanted.get("int8"):
         calib = load_corpus(Path(cfg["fallback_corpus"])) if Path(cfg["fallback_corpus"]).is_file() else {}
         calib_texts = [passage_text(r) for r in calib.values()] or data["passages"]
         with console.status("int8: measuring per-MatMul sensitivity and quantising"):
             build["int8"] = build_int8(model, out, calib_texts, passage_prompt, int(cfg["int8_fp32_matmuls"]),
                                        bool(cfg["int8_reduce_range"]), int(cfg["calibration_passages"]))
         variants.append("int8")
-    if cfg.get("int8_block"):
+    if wanted.get("int8_block"):
         with console.status("int8_block: block-wise int8 (MatMulNBits)"):
             quantize_int8_blockwise(out / VARIANTS["fp32"], out / VARIANTS["int8_block"], int(cfg["int8_block_size"]))
         build["int8_block"] = {"block_size": int(cfg["int8_block_size"])}
         variants.append("int8_block")
-    if cfg.get("fp16"):
+    if wanted.get("fp16"):
         convert_fp16(out / VARIANTS["fp32"], out / VARIANTS["fp16"])
         variants.append("fp16")
     trt_reason = tensorrt_status() if cfg["tensorrt"]["enabled"] else "disabled in params (export.tensorrt.enabled)"
@@ -194,7 +261,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         console.print(f"TensorRT: skipped ({trt_reason})")
 
     threads = int(cfg.get("threads", 0))
-    # Torch vectors come from the embedding store (eval encoded the test set with this model): only ONNX encodes here.
+    # Torch vectors (never the bulk encoder's ONNX ones: another fingerprint) from the store, else encoded here.
     ref, torch_s, ref_metrics, ref_info = torch_reference(model, data, query_prompt, passage_prompt)
     report: dict[str, Any] = {"torch": {"seconds": round(torch_s, 3), "texts_per_s": round(n_texts / torch_s, 1),
                                         "metrics": ref_metrics, **ref_info}}
@@ -233,8 +300,7 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         if not entry["passed"] and variant in ("fp32_opt", "int8", "int8_block", "fp16"):
             warn(f"{variant} failed its parity check (see metrics): dropped")
             (out / VARIANTS[variant]).unlink()
-    bf16 = str(cfg.get("torch_bf16", "auto")).lower()
-    if bf16 == "true" or (bf16 == "auto" and cpu_has_bf16()):
+    if wanted.get(TORCH_VARIANT):
         with console.status("torch_bf16: parity under bfloat16 autocast"):
             entry = check(TORCH_VARIANT, TorchEncoder(model, name, query_prompt, passage_prompt, bf16=True).encode, 0.0)
         if entry["passed"]:
@@ -243,11 +309,8 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         else:
             warn(f"{TORCH_VARIANT} failed its parity check (see metrics): not saved")
         report[TORCH_VARIANT] = entry
-    elif bf16 == "auto":
-        report[TORCH_VARIANT] = {"skipped": "this CPU has no native bfloat16 (AVX-512 BF16 / AMX); "
-                                            "export.torch_bf16: true checks it anyway"}
-    else:
-        report[TORCH_VARIANT] = {"skipped": "export.torch_bf16: false"}
+    for variant, reason in skipped.items():
+        report[variant] = {"skipped": reason}
     if report.get("tensorrt", {}).get("passed") and shutil.which("trtexec"):
         plan = build_trt_plan(out / VARIANTS["fp32"], out / "model.plan", names, int(cfg["tensorrt"]["max_batch"]),
                               model.max_seq_length, bool(cfg["tensorrt"]["fp16"]), bool(cfg["tensorrt"]["fp8"]))
@@ -268,7 +331,9 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
               "parity_texts": n_texts, "parity_passages": len(data["passages"]),
               "parity_corpus_passages": data["corpus_total"], "parity_source": data["source"],
               "cosine_min_required": cos_min,
-              "metric_tolerance": tol, "default_variant": default, "variants": report, "triton_repo": str(triton),
+              "metric_tolerance": tol, "default_variant": default, "variants": report,
+              "skipped_variants": {v: e["skipped"] for v, e in report.items() if "skipped" in e},
+              "triton_repo": str(triton),
               "wall_time_s": round(time.time() - started, 2)}
     write_json(metrics_path, result)
 

@@ -176,6 +176,9 @@ def main(
 
     model.prompts = dict(prompts)
     model.default_prompt_name = None
+    # Saved at the pipeline's length, not the training one (the CPU profile trains at 128): eval, export and the
+    # server encode at model.max_seq_length, and so does a plain `SentenceTransformer(path)` then.
+    model.max_seq_length = int(mcfg["max_seq_length"])
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -187,6 +190,7 @@ def main(
         prompts=prompts, out=out, wall=time.time() - started,
     )
     write_model_card(out, card)
+    metrics["saved_max_seq_length"] = int(model.max_seq_length)
     write_json(metrics_path, metrics)
     summary("finetune", rows)
     if result.budget.get("cut_by_budget"):

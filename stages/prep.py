@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
+from embedpipe.bulk_encoder import use_bulk_encoder
 from embedpipe.console import summary, warn
 from embedpipe.distillation import mining_depth, teacher_rescore
-from embedpipe.embed_store import encode_cached, encode_counts
+from embedpipe.embed_store import encode_backends, encode_cached, encode_counts
 from embedpipe.io import (
     FormatError,
     load_corpus,
@@ -105,6 +106,7 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         model = load_model(mcfg["base_model"], mcfg.get("device"), mcfg.get("max_seq_length"))
     except ModelNotAvailable as e:
         raise click.ClickException(str(e)) from None
+    use_bulk_encoder(model, mcfg.get("bulk_encoder", "auto"))
     if cfg.get("cache_dir"):
         warn("prep.cache_dir is no longer used: base-model vectors live in the shared embedding store "
              "($EMBEDPIPE_EMBED_CACHE, default cache/embeddings); remove the key from params.yaml")
@@ -181,7 +183,8 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         elif value is not None:
             rows[key] = value
     c = encode_counts().get(model._embedpipe_name, {"requested": 0, "encoded": 0})
-    rows["texts encoded"] = f"{c['encoded']} of {c['requested']} (the rest from the embedding store)"
+    on = encode_backends().get(model._embedpipe_name, "torch")
+    rows["texts encoded"] = f"{c['encoded']} of {c['requested']} on {on} (the rest from the embedding store)"
     summary("prep", rows)
 
 

@@ -19,6 +19,7 @@ import click
 import numpy as np
 
 from embedpipe import sdg
+from embedpipe.bulk_encoder import use_bulk_encoder
 from embedpipe.console import alert, summary, warn
 from embedpipe.embed_store import encode_cached
 from embedpipe.io import FormatError, load_corpus, passage_text, write_json, write_jsonl
@@ -62,6 +63,7 @@ def main(params_path: str, corpus_path: str, out_dir: str, metrics_path: str, ca
         embedder = load_model(mcfg["base_model"], device=mcfg.get("device"), max_seq_length=mcfg.get("max_seq_length"))
     except ModelNotAvailable as e:
         raise click.ClickException(str(e)) from None
+    use_bulk_encoder(embedder, mcfg.get("bulk_encoder", "auto"))
     ids = list(corpus)
     row = {pid: n for n, pid in enumerate(ids)}
     corpus_emb = encode_cached(embedder, [passage_text(corpus[i]) for i in ids], mcfg.get("passage_prompt", ""),

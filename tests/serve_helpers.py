@@ -29,7 +29,8 @@ def make_session_export(tmp_root: Path, tiny_corpus_path: Path) -> Path:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["model"].update(query_prompt=QUERY_PROMPT, passage_prompt=PASSAGE_PROMPT)
     params["export"].update(input="all-MiniLM-L6-v2", out_dir=str(tmp_root / "onnx"), eval_dir=str(tmp_root / "eval"),
-                            model_name="test-embed", torch_bf16=True)  # checked on any CPU (emulated bf16 is slow)
+                            model_name="test-embed", torch_bf16=True,  # checked on any CPU (emulated bf16 is slow)
+                            int8=True, fp16=True)  # asked for explicitly: the tests check them on any machine
     params["serve"].update(model_dir=str(tmp_root / "onnx"), variant="fp32", api_key_env=API_KEY_ENV, max_inputs_per_request=16,
                            max_payload_mb=0.05, max_wait_ms=20, max_batch_size=64)
     (tmp_root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -130,3 +130,63 @@ def test_parity_texts_keep_every_relevant_passage_within_the_cap(tmp_path, tiny_
     assert set(ids) == relevant and sampled == 0
     assert ids == [pid for pid in corpus if pid in relevant]  # corpus order, whatever the order of `keep`
     assert bounded_corpus(list(corpus), relevant, 0, seed=0) == (list(corpus), 21 - len(relevant))
+
+
+def export_stage_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("export_stage", Path(__file__).parents[1] / "stages" / "export.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    return stage
+
+
+def test_variant_plan_builds_only_what_can_win_here(monkeypatch):
+    plan = export_stage_module().variant_plan
+    defaults = {"optimize": True, "int8": False, "int8_block": True, "fp16": "auto", "torch_bf16": "auto"}
+    monkeypatch.delenv("EMBEDPIPE_BF16", raising=False)
+    build, skipped = plan(defaults, gpu=False, native_bf16=False)
+    assert set(build) == {"fp32_opt", "int8_block"} and set(skipped) == {"int8", "fp16", "torch_bf16"}
+    assert "no CUDA GPU" in skipped["fp16"] and "export.int8: true" in skipped["int8"]
+    assert "no native bfloat16" in skipped["torch_bf16"]
+    assert set(plan(defaults, gpu=True, native_bf16=True)[0]) == {"fp32_opt", "int8_block", "fp16", "torch_bf16"}
+    monkeypatch.setenv("EMBEDPIPE_BF16", "off")
+    assert "EMBEDPIPE_BF16=off" in plan(defaults, gpu=False, native_bf16=False)[1]["torch_bf16"]
+    asked = {**defaults, "int8": True, "fp16": True, "optimize": False, "torch_bf16": False}
+    build, skipped = plan(asked, gpu=False, native_bf16=False)
+    assert set(build) == {"int8", "int8_block", "fp16"}
+    assert skipped == {"fp32_opt": "export.optimize: false", "torch_bf16": "export.torch_bf16: false"}
+
+
+def test_export_names_each_skipped_variant_with_its_reason(tmp_path, tiny_corpus_path):
+    """The default params on this machine, bf16 off: what cannot win here is not built, and the summary and
+    metrics say why (fp32_opt and int8_block are switched off only to keep the test short)."""
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+    from conftest import REPO_ROOT, stage_env
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["export"].update(input="all-MiniLM-L6-v2", out_dir=str(tmp_path / "onnx"), eval_dir=str(tmp_path / "none"),
+                            fallback_corpus=str(tiny_corpus_path), optimize=False, int8_block=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "stages/export.py", "--params", str(tmp_path / "params.yaml"),
+                           "--metrics", str(tmp_path / "export.json")], cwd=REPO_ROOT,
+                          env={**stage_env(), "EMBEDPIPE_BF16": "off"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "export.json").read_text())
+    skipped = report["skipped_variants"]
+    assert "EMBEDPIPE_BF16=off" in skipped["torch_bf16"] and "export.int8: true" in skipped["int8"]
+    assert skipped["fp32_opt"] == "export.optimize: false" and "tensorrt" in skipped
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in skipped["fp16"] and not (tmp_path / "onnx" / "model_fp16.onnx").exists()
+    assert not (tmp_path / "onnx" / "model_int8.onnx").exists() and report["variants"]["fp32"]["passed"]
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in proc.stderr.splitlines() if "│" in line]
+    for variant, reason in skipped.items():
+        assert report["variants"][variant] == {"skipped": reason}
+        if variant != "tensorrt":  # (TensorRT has its own line, checked in test_export_metrics_report_parity)
+            assert f"{variant}: skipped ({reason})" in proc.stderr  # one line when the export starts
+        assert any(row[:1] == [variant] and row[1].startswith("skipped: ") for row in rows), variant  # summary

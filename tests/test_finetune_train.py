@@ -138,3 +138,36 @@ def test_time_budget_bounded_validation_and_wise_alpha_in_the_stage(prep_dir, tm
     assert metrics["saved_model"] == {"0": "base", "0.5": "interpolated", "1": "finetuned"}[best]
     card = (tmp_path / "model" / "README.md").read_text()
     assert "interpolated, alpha 0.5 (WiSE-FT)" in card and "of 21 passages" in card
+
+
+def test_saved_model_seq_length_is_the_pipelines_not_the_training_one(prep_dir, tmp_path):
+    """Trained at 64 tokens (as the CPU profile trains at 128), saved at model.max_seq_length (256): a plain
+    `SentenceTransformer(path)` encodes a ~200-token text as the pipeline (eval) and the torch server do."""
+    import yaml
+    from sentence_transformers import SentenceTransformer
+
+    from embedpipe.onnx_encoder import EncoderSpec, build_encoder
+
+    params = tiny_params(tmp_path / "params.yaml", max_steps=1, max_seq_length=64, wise_alphas=[1.0])
+    raw = yaml.safe_load(params.read_text())
+    raw["model"]["max_seq_length"] = 256
+    params.write_text(yaml.safe_dump(raw))
+    proc = run_stage(tmp_path, prep_dir, params)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert (metrics["max_seq_length"], metrics["saved_max_seq_length"]) == (64, 256)
+
+    plain = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    assert plain.max_seq_length == 256
+    text = " ".join(passage_text(r) for r in list(load_corpus(prep_dir / "train_corpus.jsonl").values())[:6])
+    n_tokens = len(plain.tokenizer(text)["input_ids"])
+    text = " ".join(text.split()[: int(len(text.split()) * 200 / n_tokens)])  # ~200 tokens
+    assert 150 < len(plain.tokenizer(text)["input_ids"]) <= 256
+    mine = plain.encode([text], prompt="passage: ", normalize_embeddings=True)
+    pipeline = encode(load_model(str(tmp_path / "model"), device="cpu", max_seq_length=256), [text], "passage: ")
+    server = build_encoder(EncoderSpec(backend="torch", folder=str(tmp_path / "none"),
+                                       torch_model=str(tmp_path / "model"), max_seq_length=256)).encode([text],
+                                                                                                        "passage: ")
+    assert float(mine[0] @ pipeline[0]) > 0.9999 and float(mine[0] @ server[0]) > 0.9999
+    plain.max_seq_length = 64  # what was saved before: the text cut at 64 tokens is another vector
+    assert float(plain.encode([text], prompt="passage: ", normalize_embeddings=True)[0] @ pipeline[0]) < 0.9999

@@ -106,17 +106,25 @@ def test_each_passage_is_encoded_at_most_once_per_model(project: Path):
     by_stage_model = {(r["stage"], r["model"]) for r in log}
     assert {("prep", "all-MiniLM-L6-v2"), ("eval", "all-MiniLM-L6-v2"), ("eval", "models/finetuned"),
             ("export", "models/finetuned"), ("deploy_check", "models/finetuned")} <= by_stage_model
-    # eval encodes the whole test corpus (= every passage) with both models: each exactly once in all.
+    # eval encodes the whole test corpus (= every passage) with both models: each exactly once in all. The corpus
+    # encodes (sdg, prep, eval) run on the bulk encoder: ONNX Runtime on this CPU, its own fingerprint.
+    bulk = {r["backend"] for r in log if r["stage"] in ("sdg", "prep", "eval")}
+    assert bulk == {"onnx-fp32"}, bulk
     model_fp = {}
     for label in ("all-MiniLM-L6-v2", "models/finetuned"):
-        fingerprints = {r["fingerprint"] for r in log if r["model"] == label and r["stage"] != "finetune"}
+        fingerprints = {r["fingerprint"] for r in log if r["model"] == label and r["stage"] in ("sdg", "prep", "eval")}
         assert len(fingerprints) == 1, (label, fingerprints)  # loaded the same way everywhere: one store entry
         model_fp[label] = fingerprints.pop()
         assert per_model[model_fp[label]] == passages, label
     if json.loads((project / "metrics/train.json").read_text())["saved_model"] == "finetuned":
         assert model_fp["all-MiniLM-L6-v2"] != model_fp["models/finetuned"]  # new weights never hit the base's vectors
-    # Export's torch reference and deploy_check's reference sample are read back, never encoded again.
-    assert all(r["encoded"] == 0 for r in log if r["stage"] in ("export", "deploy_check")), log
+    # The references stay torch: export's parity encodes the torch vectors (eval's are ONNX ones, under another
+    # fingerprint: no check compares ONNX with ONNX), and deploy_check's reference sample reads them back.
+    checks = [r for r in log if r["stage"] in ("export", "deploy_check")]
+    assert {r["backend"] for r in checks} == {"torch"} and model_fp["models/finetuned"] not in {
+        r["fingerprint"] for r in checks}
+    assert sum(r["encoded"] for r in checks if r["stage"] == "export" and r["kind"] == "passage") == passages
+    assert all(r["encoded"] == 0 for r in checks if r["stage"] == "deploy_check"), checks
     serve = json.loads((project / "metrics/serve_eval.json").read_text())
     assert serve["check"] == "sample+full" and serve["vector_check"]["passed"]
 

@@ -216,7 +216,7 @@ def test_user_errors_are_clean(repo_root, tmp_path, tiny_corpus_path):
     params.write_text("model: {base_model: all-MiniLM-L6-v2}\nprep: {group_by: everything}\n")
     for args, expect in [
         (["--qa", str(bad)], "not valid JSON"),
-        (["--qa", str(QA), "--params", str(params)], "group_by must be one of"),
+        (["--qa", str(QA), "--params", str(params)], "'prep.group_by': Input should be"),
     ]:
         proc = subprocess.run([sys.executable, "stages/prep.py", "--corpus", str(tiny_corpus_path), *args],
                               cwd=repo_root, env=stage_env(), capture_output=True, text=True, timeout=120)

@@ -184,7 +184,7 @@ def test_bad_schema_is_a_clear_error_before_any_work(tmp_path):
     args = ["--params", str(params), "--corpus", str(REPO / "tests/data/tiny_corpus.jsonl"),
             "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json"), "--cache-dir", str(tmp_path / "c")]
     result = CliRunner().invoke(load_stage().main, args)
-    assert result.exit_code == 1 and "sdg.llm.schema must be one of auto, full, compact" in result.output
+    assert result.exit_code == 1 and "'sdg.llm.schema': Input should be 'auto', 'full' or 'compact'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
 
 
