@@ -83,6 +83,8 @@ class SdgLlm(_Section):
     )
     timeout: Number = F(60, "seconds per request", gt=0)
     max_retries: int = F(6, "retries on 429 / 5xx / timeouts (exponential backoff + jitter)", ge=0)
+    backoff_base: Number = F(1.0, "seconds before the first retry (doubled each time, with jitter)", gt=0)
+    grammar: bool = F(False, "ask the endpoint for grammar-constrained JSON (llama.cpp servers; always on when embedded)")
     parse_retries: int = F(2, "re-asks for a malformed or truncated reply", ge=0)
     concurrency: int = F(1, "requests in flight (the embedded server answers one at a time)", gt=0)
     n_ctx: int = F(2048, "embedded server context size", gt=0)
