@@ -21,7 +21,9 @@ Auto = Literal["auto"]
 Number = int | float  # keeps a YAML integer an int (e.g. epochs: 1), as the stages have always read it
 
 # Keys that were renamed or removed: dotted name -> what to write instead (shown when an old file uses them).
-RENAMED: dict[str, str] = {}
+RENAMED: dict[str, str] = {
+    "prep.cache_dir": "removed: base-model vectors live in the shared embedding store ($EMBEDPIPE_EMBED_CACHE)",
+}
 
 
 class ParamsError(ValueError):

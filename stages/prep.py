@@ -6,6 +6,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -24,8 +25,6 @@ from embedpipe.io import (
     write_jsonl,
 )
 from embedpipe.mining import (
-    GROUP_BY,
-    MARGIN_MODES,
     PrepError,
     beir_test_set,
     clean_questions,
@@ -69,10 +68,6 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         qa = read_jsonl(qa_path)
     except (ParamsError, FormatError) as e:
         raise click.ClickException(str(e)) from None
-    if cfg.get("margin_mode", "relative") not in MARGIN_MODES:
-        raise click.ClickException(f"prep.margin_mode must be one of {', '.join(MARGIN_MODES)}")
-    if cfg.get("group_by", "document") not in GROUP_BY:
-        raise click.ClickException(f"prep.group_by must be one of {', '.join(GROUP_BY)}")
     k = int(cfg.get("num_negatives", 5))
     try:
         k_mine = mining_depth(k, cfg.get("teacher"))  # + candidates for the teacher to filter (prep.teacher)
@@ -100,39 +95,13 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
 
     # Candidates = passages training may see; held-out passages never enter the mining matrix at all.
     train_ids = [pid for pid in corpus if pid not in split.held_out]
-    row_of = {pid: i for i, pid in enumerate(train_ids)}
     mined_qs = split.train + split.val
-    try:
-        model = load_model(mcfg["base_model"], mcfg.get("device"), mcfg.get("max_seq_length"))
-    except ModelNotAvailable as e:
-        raise click.ClickException(str(e)) from None
-    use_bulk_encoder(model, mcfg.get("bulk_encoder", "auto"))
-    if cfg.get("cache_dir"):
-        warn("prep.cache_dir is no longer used: base-model vectors live in the shared embedding store "
-             "($EMBEDPIPE_EMBED_CACHE, default cache/embeddings); remove the key from params.yaml")
-    batch_size = int(cfg.get("batch_size", 32))
-    t0 = time.time()
-    # Through the embedding store: passages SDG's retrieval gate already encoded with the base model are reused.
-    corpus_emb = encode_cached(model, [passage_text(corpus[p]) for p in train_ids], mcfg.get("passage_prompt", ""),
-                               batch_size=batch_size, desc="mining: passages", kind="passage")
-    query_emb = encode_cached(model, [q["question"] for q in mined_qs], mcfg.get("query_prompt", ""),
-                              batch_size=batch_size, desc="mining: questions", kind="query")
-    encode_s = time.time() - t0
-    t0 = time.time()
-    mined = mine(
-        query_emb, corpus_emb, [[row_of[p] for p in q["segment_ids"]] for q in mined_qs], k_mine,
-        mode=cfg.get("margin_mode", "relative"), relative_margin=float(cfg.get("relative_margin", 0.05)),
-        absolute_margin=float(cfg.get("absolute_margin", 0.0)),
-        query_batch=int(cfg.get("query_batch", 256)), corpus_block=int(cfg.get("corpus_block", 16384)),
-        count_removed=bool(cfg.get("count_margin_removed", True)),
-    )
-    search_s = time.time() - t0
+    model, mined, encode_s, search_s = mine_negatives(corpus, train_ids, mined_qs, cfg, mcfg, k_mine)
     examples = unroll(mined_qs, train_ids, mined)
     try:  # teacher scores + false-negative filter (no-op unless prep.teacher.enabled)
         examples, teacher_metrics = teacher_rescore(examples, corpus, cfg.get("teacher"), k, int(cfg.get("seed", 42)))
     except ModelNotAvailable as e:
         raise click.ClickException(f"prep.teacher: {e}") from None
-    n_train_q = len(split.train)
     train_set = {q["id"] for q in split.train}
     train_ex = [e for e in examples if e["source_id"] in train_set]
     val_ex = [e for e in examples if e["source_id"] not in train_set]
@@ -145,6 +114,46 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
     queries, qrels = beir_test_set(split.test)
     write_beir(out / "eval", (without_structure(r) for r in corpus.values()), queries, qrels)
 
+    metrics = prep_metrics(qa, dropped, split, train_ex, val_ex, qrels, corpus, k, cfg, mined, teacher_metrics,
+                           encode_s, search_s, started)
+    write_json(metrics_path, metrics)
+    if mined.short:
+        warn(f"{mined.short} of {len(mined_qs)} queries got fewer than {k} negatives (finetune pads by repetition)")
+    print_summary(metrics, model._embedpipe_name)
+
+
+def mine_negatives(corpus: dict, train_ids: list[str], questions: list[dict], cfg: dict, mcfg: dict,
+                   k_mine: int) -> tuple[Any, Any, float, float]:
+    """Hard negatives from the base model for every training and validation question -> (model, mined, s, s)."""
+    row_of = {pid: i for i, pid in enumerate(train_ids)}
+    try:
+        model = load_model(mcfg["base_model"], mcfg.get("device"), mcfg.get("max_seq_length"))
+    except ModelNotAvailable as e:
+        raise click.ClickException(str(e)) from None
+    use_bulk_encoder(model, mcfg.get("bulk_encoder", "auto"))
+    batch_size = int(cfg["batch_size"])
+    t0 = time.time()
+    # Through the embedding store: passages SDG's retrieval gate already encoded with the base model are reused.
+    corpus_emb = encode_cached(model, [passage_text(corpus[p]) for p in train_ids], mcfg.get("passage_prompt", ""),
+                               batch_size=batch_size, desc="mining: passages", kind="passage")
+    query_emb = encode_cached(model, [q["question"] for q in questions], mcfg.get("query_prompt", ""),
+                              batch_size=batch_size, desc="mining: questions", kind="query")
+    encode_s = time.time() - t0
+    t0 = time.time()
+    mined = mine(
+        query_emb, corpus_emb, [[row_of[p] for p in q["segment_ids"]] for q in questions], k_mine,
+        mode=cfg["margin_mode"], relative_margin=float(cfg["relative_margin"]),
+        absolute_margin=float(cfg["absolute_margin"]), query_batch=int(cfg["query_batch"]),
+        corpus_block=int(cfg["corpus_block"]), count_removed=bool(cfg["count_margin_removed"]),
+    )
+    return model, mined, encode_s, time.time() - t0
+
+
+def prep_metrics(qa: list, dropped: dict, split: Any, train_ex: list, val_ex: list, qrels: dict, corpus: dict, k: int,
+                 cfg: dict, mined: Any, teacher_metrics: dict, encode_s: float, search_s: float,
+                 started: float) -> dict:
+    """metrics/prep.json: the split, the examples, the negatives' scores and where the time went."""
+    n_train_q = len(split.train)
     pos = [s for ps in mined.pos_scores for s in ps]
     neg = [s for ns in mined.neg_scores for s in ns]
     pos_mean, pos_median = _stats(pos)
@@ -173,17 +182,18 @@ def main(params_path: str, corpus_path: str, qa_path: str, out_dir: str, metrics
         "search_s": round(search_s, 3),
         "wall_time_s": round(time.time() - started, 2),
     }
-    write_json(metrics_path, metrics)
-    if mined.short:
-        warn(f"{mined.short} of {len(mined_qs)} queries got fewer than {k} negatives (finetune pads by repetition)")
+    return metrics
+
+
+def print_summary(metrics: dict, model_name: str) -> None:
     rows: dict[str, object] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):  # questions / examples per split
             rows.update({f"{key} {name}": n for name, n in value.items()})
         elif value is not None:
             rows[key] = value
-    c = encode_counts().get(model._embedpipe_name, {"requested": 0, "encoded": 0})
-    on = encode_backends().get(model._embedpipe_name, "torch")
+    c = encode_counts().get(model_name, {"requested": 0, "encoded": 0})
+    on = encode_backends().get(model_name, "torch")
     rows["texts encoded"] = f"{c['encoded']} of {c['requested']} on {on} (the rest from the embedding store)"
     summary("prep", rows)
 
