@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -108,7 +109,54 @@ def main(
         check_params(cfg)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    prep = Path(prep_dir)
+    table, val = load_training_data(Path(prep_dir), cfg)
+    plan = plan_training(table.examples, cfg, world_size())
+    main_proc = is_main_process()
+    if main_proc:
+        warn_about_data(plan, table)
+
+    try:
+        model = load_model(mcfg["base_model"], device=device, max_seq_length=seq)
+        set_attention_dropout(model, cfg.get("attention_dropout"))
+        evaluator = make_evaluator(val.queries, val.corpus, val.relevant, prompts)
+        result = train(
+            model, table, evaluator, cfg, plan, device.split(":")[0], prompts, checkpoint_dir,
+            live_dir if main_proc else None,
+        )
+        result = apply_wise(model, result, evaluator, cfg.get("wise_alphas") or [1.0])
+    except ModelNotAvailable as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:  # bad loss / alpha params
+        raise click.ClickException(str(e)) from None
+    if not main_proc:
+        return
+    if result.steps == 0:
+        raise click.ClickException(
+            "no training step ran: no batch could be formed (with in_batch_negatives the duplicate-free sampler "
+            "needs batch x passages_per_query distinct passages; lower passages_per_query or the batch)"
+        )
+
+    out = save_model(model, prompts, int(mcfg["max_seq_length"]), Path(out_dir), checkpoint_dir)
+    metrics, card, rows = run_outputs(
+        result=result, table=table, val=val, plan=plan, cfg=cfg, seq=seq, device=device,
+        profile="cpu" if device == "cpu" and raw.get("cpu") else "recipe", base_model=mcfg["base_model"],
+        prompts=prompts, out=out, wall=time.time() - started,
+    )
+    write_model_card(out, card)
+    metrics["saved_max_seq_length"] = int(model.max_seq_length)
+    write_json(metrics_path, metrics)
+    summary("finetune", rows)
+    if result.budget.get("cut_by_budget"):
+        warn(f"time budget: stopped after {result.steps} of {plan.total_steps} planned steps "
+             f"(finetune.max_minutes = {result.budget['max_minutes']:g})")
+    if note := regression_note(result):
+        (alert if result.regression else warn)(note)
+    if result.regression and raw.get("fail_on_regression"):
+        raise click.ClickException("fine-tuning made validation nDCG@10 worse (finetune.fail_on_regression: true)")
+
+
+def load_training_data(prep: Path, cfg: dict) -> tuple[Any, Any]:
+    """prep's records -> (training table, validation set), or a clear error naming what is missing."""
     teacher_labels = needs_teacher(cfg)
     try:
         corpus = load_corpus(prep / "train_corpus.jsonl")
@@ -135,71 +183,39 @@ def main(
     if not cfg["in_batch_negatives"] and int(cfg["passages_per_query"]) < 2:
         raise click.ClickException("in_batch_negatives: false needs passages_per_query >= 2 (1 positive + negatives)")
 
-    plan = plan_training(table.examples, cfg, world_size())
-    main_proc = is_main_process()
-    if main_proc:
-        for message in plan.warnings:
-            warn(message)
-        if table.padded:
-            warn(
-                f"{table.padded}/{table.examples} examples had fewer than {table.negatives_wanted} hard negatives "
-                "and were padded by repeating them (mine more in prep, or lower passages_per_query)"
-            )
-        for what, count in (
-            ("positive not in train_corpus", table.missing_passages),
-            ("no negative", table.no_negatives),
-            ("no teacher scores (cut by prep.teacher.max_passages)", table.no_teacher_scores),
-        ):
-            if count:
-                warn(f"dropped {count} training examples: {what}")
+    return table, val
 
-    try:
-        model = load_model(mcfg["base_model"], device=device, max_seq_length=seq)
-        set_attention_dropout(model, cfg.get("attention_dropout"))
-        evaluator = make_evaluator(val.queries, val.corpus, val.relevant, prompts)
-        result = train(
-            model, table, evaluator, cfg, plan, device.split(":")[0], prompts, checkpoint_dir,
-            live_dir if main_proc else None,
-        )
-        result = apply_wise(model, result, evaluator, cfg.get("wise_alphas") or [1.0])
-    except ModelNotAvailable as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:  # bad loss / alpha params
-        raise click.ClickException(str(e)) from None
-    if not main_proc:
-        return
-    if result.steps == 0:
-        raise click.ClickException(
-            "no training step ran: no batch could be formed (with in_batch_negatives the duplicate-free sampler "
-            "needs batch x passages_per_query distinct passages; lower passages_per_query or the batch)"
-        )
 
+def warn_about_data(plan: Any, table: Any) -> None:
+    """Say what the plan and the training table left out or padded."""
+    for message in plan.warnings:
+        warn(message)
+    if table.padded:
+        warn(
+            f"{table.padded}/{table.examples} examples had fewer than {table.negatives_wanted} hard negatives "
+            "and were padded by repeating them (mine more in prep, or lower passages_per_query)"
+        )
+    for what, count in (
+        ("positive not in train_corpus", table.missing_passages),
+        ("no negative", table.no_negatives),
+        ("no teacher scores (cut by prep.teacher.max_passages)", table.no_teacher_scores),
+    ):
+        if count:
+            warn(f"dropped {count} training examples: {what}")
+
+
+def save_model(model: Any, prompts: dict[str, str], max_seq_length: int, out: Path, checkpoint_dir: str) -> Path:
+    """The fine-tuned model as a sentence-transformers folder, with its prompts, at the pipeline's length."""
     model.prompts = dict(prompts)
     model.default_prompt_name = None
     # Saved at the pipeline's length, not the training one (the CPU profile trains at 128): eval, export and the
     # server encode at model.max_seq_length, and so does a plain `SentenceTransformer(path)` then.
-    model.max_seq_length = int(mcfg["max_seq_length"])
-    out = Path(out_dir)
+    model.max_seq_length = max_seq_length
     if out.exists():
         shutil.rmtree(out)
     model.save(str(out), create_model_card=False)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    metrics, card, rows = run_outputs(
-        result=result, table=table, val=val, plan=plan, cfg=cfg, seq=seq, device=device,
-        profile="cpu" if device == "cpu" and raw.get("cpu") else "recipe", base_model=mcfg["base_model"],
-        prompts=prompts, out=out, wall=time.time() - started,
-    )
-    write_model_card(out, card)
-    metrics["saved_max_seq_length"] = int(model.max_seq_length)
-    write_json(metrics_path, metrics)
-    summary("finetune", rows)
-    if result.budget.get("cut_by_budget"):
-        warn(f"time budget: stopped after {result.steps} of {plan.total_steps} planned steps "
-             f"(finetune.max_minutes = {result.budget['max_minutes']:g})")
-    if note := regression_note(result):
-        (alert if result.regression else warn)(note)
-    if result.regression and raw.get("fail_on_regression"):
-        raise click.ClickException("fine-tuning made validation nDCG@10 worse (finetune.fail_on_regression: true)")
+    return out
 
 
 if __name__ == "__main__":

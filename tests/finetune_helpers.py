@@ -107,6 +107,7 @@ def tiny_params(path: Path, **finetune) -> Path:
         "nnodes": 1,
         "node_rank": 0,
         "rdzv_endpoint": "localhost:29500",
+        "wise_alphas": [1.0],  # the raw fine-tuned weights (the schema's default interpolates)
         "cpu": {},
     }
     cfg.update(finetune)
