@@ -152,6 +152,22 @@ def test_export_and_deploy_check_refuse_a_model_worse_on_your_questions(tmp_path
     assert "models/onnx/embedpipe.json not found" in proc.stderr  # it went on, to the missing export
 
 
+def test_report_stage_shows_your_questions(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    block = {"file": "data/questions.jsonl", "questions": 12, "base": {"ndcg@10": 0.5, "mrr@10": 0.4, "recall@10": 0.8},
+             "finetuned": {"ndcg@10": 0.45, "mrr@10": 0.45, "recall@10": 0.8}, "delta": {"ndcg@10": -0.05},
+             "significance": {"p_value": 0.3, "queries_better": 2, "queries_worse": 4, "queries_tied": 6},
+             "regression": True}
+    (metrics / "eval.json").write_text(json.dumps({"base": {"ndcg@10": 0.5}, "finetuned": {"ndcg@10": 0.6},
+                                                   "user_questions": block}))
+    proc = _stage("report.py", "--metrics-dir", "metrics", "--out", "report.md", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "## Your own questions (`data/questions.jsonl`, 12 questions" in report
+    assert "| ndcg@10 | 0.5000 | 0.4500 | -0.0500 | -10.0% |" in report and "**worse than the base model**" in report
+
+
 # --- the eval stage --------------------------------------------------------------------------------
 
 
