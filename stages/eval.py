@@ -94,7 +94,7 @@ DEFAULTS = {
     "questions_path",
     default=None,
     metavar="PATH",
-    help="Your own questions (JSONL, see README) [default: eval.user_questions, data/questions.jsonl].",
+    help='Your own questions (JSONL, see README) [default: eval.user_questions, data/questions.jsonl; "" = none].',
 )
 @click.option(
     "--corpus",
@@ -184,7 +184,7 @@ def main(
                 started,
             )
         else:
-            user = user_questions(questions_path or cfg.get("user_questions"), chunks_path)
+            questions = questions_path if questions_path is not None else cfg.get("user_questions")
             ok = run_models(
                 beir_dir,
                 finetuned_dir,
@@ -197,7 +197,7 @@ def main(
                 cfg,
                 model_cfg,
                 started,
-                user,
+                questions,
                 chunks_path,
             )
     except (FormatError, ParamsError, EndpointError, ModelNotAvailable) as e:
@@ -213,7 +213,8 @@ def user_questions(path: str | None, chunks_path: str) -> tuple[UserQuestions, d
         click.echo(f"No {path}: add your own questions to see whether fine-tuning helped on them ({README_HINT}).")
         return None
     if not Path(chunks_path).is_file():
-        raise FormatError(f"{chunks_path}: chunked corpus not found, needed for {path} (run the chunk stage first)")
+        warn(f"{path} not judged: no chunked corpus at {chunks_path} to search (run the chunk stage, or give --corpus)")
+        return None
     corpus = load_corpus(chunks_path)
     questions = load_user_questions(path, corpus)
     if not questions.qrels:
@@ -270,10 +271,11 @@ def run_models(
     cfg: dict[str, Any],
     model_cfg: dict[str, Any],
     started: float,
-    user: tuple[UserQuestions, dict] | None = None,
+    questions_path: str | None = None,
     chunks_path: str = "data/chunks/corpus.jsonl",
 ) -> bool:
-    """Evaluate base and/or fine-tuned model; write every output; return False only on a fatal regression."""
+    """Evaluate base and/or fine-tuned model (and the user's questions, when there are some); write every output;
+    return False only on a fatal regression."""
     wanted = ["base", "finetuned"] if models_only == "both" else [models_only]
     if (
         "finetuned" in wanted
@@ -284,6 +286,7 @@ def run_models(
             f"{finetuned_dir}: no fine-tuned model there (run the finetune stage first, or use --models-only base)"
         )
     names = {"base": str(model_cfg["base_model"]), "finetuned": finetuned_dir}
+    user = user_questions(questions_path, chunks_path)  # a bad file fails here, before any model is loaded
     evaluated = {label: evaluate_local(label, names[label], corpus, queries, qrels, cfg, model_cfg, user)
                  for label in wanted}
     results = {label: r[0] if user else r for label, r in evaluated.items()}

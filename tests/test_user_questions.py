@@ -182,11 +182,21 @@ def test_eval_stage_without_a_questions_file_says_how_to_add_one(tmp_path, tiny_
     assert "user_questions" not in json.loads((tmp_path / "eval.json").read_text())
 
 
+def test_eval_stage_without_a_chunked_corpus_warns_and_goes_on(tmp_path, tiny_corpus_path):
+    beir = make_tiny_beir(tmp_path / "beir", tiny_corpus_path)
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    proc = run_stage("--beir-dir", str(beir), "--questions", str(questions), "--corpus", str(tmp_path / "none.jsonl"),
+                     "--models-only", "base", "--out-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "eval.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "not judged: no chunked corpus" in " ".join(proc.stderr.split())
+    assert "user_questions" not in json.loads((tmp_path / "eval.json").read_text())
+
+
 def test_eval_stage_rejects_a_bad_questions_file_before_loading_models(tmp_path, tiny_corpus_path):
     beir = make_tiny_beir(tmp_path / "beir", tiny_corpus_path)
     questions = write_questions(tmp_path / "q.jsonl", QUESTIONS, raw_lines=['{"question": "x", "answer_file": "nope.md"}'])
     proc = run_stage("--beir-dir", str(beir), "--questions", str(questions), "--corpus", str(tiny_corpus_path),
-                     "--out-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "eval.json"))
+                     "--models-only", "base", "--out-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "eval.json"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{questions}:5: answer_file 'nope.md'" in proc.stderr
     assert not (tmp_path / "eval.json").exists()
