@@ -10,8 +10,9 @@ set-ups, run round-robin (so a load change on a shared machine hits them alike):
   frozen3_attn0  both
 
 Each step runs as micro-batches of 32 queries (+ their 96 passages) with gradients accumulated, which gives the same
-gradient (the loss of a query does not depend on the others) in ~3 GB instead of ~12 GB (the whole batch at once
-was OOM-killed on a shared 23 GB machine); forward and backward are the sums over the micro-batches.
+gradient (the loss of a query does not depend on the others) in ~5 GB RSS instead of the ~12 GB peak of the whole
+batch at once (docs/finetune.md), which was OOM-killed on a shared 23 GB machine; forward and backward are the sums
+over the micro-batches.
 fp32 only: EMBEDPIPE_BF16=off is set and no autocast is used (finetune `bf16: false`). The optimizer has lr 0, so
 the weights never change and every set-up times the same model. Tokenisation is done once, outside the timings.
 Run: `python bench/bench_step.py [--steps 2] [--out bench/results/step-fp32.json]` (a few minutes on 2 cores).
@@ -121,7 +122,7 @@ def one_step(model, loss_fn, q_feat, p_feat, optimizer, batch: int, micro: int, 
 @click.option("--passages-per-query", default=3, show_default=True, help="1 positive + hard negatives.")
 @click.option("--seq", default=128, show_default=True, help="Passage length in tokens (and max_seq_length).")
 @click.option("--micro-batch", default=32, show_default=True,
-              help="Queries per forward/backward (gradients accumulated; the full batch at once needs ~12 GB).")
+              help="Queries per forward/backward (gradients accumulated; the full batch at once was OOM-killed here).")
 @click.option("--warmup-batch", default=8, show_default=True, help="Queries in the untimed warm-up step per set-up.")
 @click.option("--out", default="bench/results/step-fp32.json", show_default=True)
 def main(steps: int, batch: int, passages_per_query: int, seq: int, micro_batch: int, warmup_batch: int,
