@@ -44,7 +44,7 @@ def main() -> None:
         started = time.time()
         proc = subprocess.run(
             [sys.executable, "stages/eval.py", "--beir-dir", str(tmp / "beir"), "--finetuned", str(tmp / "ft"),
-             "--out-dir", str(tmp / "out"), "--metrics", str(tmp / "eval.json")],
+             "--out-dir", str(tmp / "out"), "--metrics", str(tmp / "eval.json"), "--questions", ""],
             cwd=ROOT, capture_output=True, text=True,
         )  # fmt: skip
         wall = time.time() - started

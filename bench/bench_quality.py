@@ -680,6 +680,8 @@ def main(
     models_dir = get_dotted(params, "sdg.llm.models_dir")
     if models_dir and not Path(models_dir).is_absolute():  # reuse the repo's assembled GGUF, as `make run` does
         set_dotted(params, "sdg.llm.models_dir", str(ROOT / models_dir))
+    if get_dotted(params, "eval.user_questions"):  # the repo's example questions are about data/sample_docs; the
+        set_dotted(params, "eval.user_questions", "")  # bench's own questions are its BEIR folder
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),

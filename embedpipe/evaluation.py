@@ -198,6 +198,88 @@ def comparison_metrics(
     return metrics
 
 
+def user_question_block(
+    questions: Any, corpus_path: str, n_passages: int, results: Mapping[str, Result], finetuned_model: str
+) -> dict[str, Any]:
+    """`metrics/eval.json`'s `user_questions`: the user's own questions (embedpipe.user_questions), searched over
+    the whole chunked corpus. Per model nDCG@10, MRR@10, Recall@10; with two models the delta, the paired
+    sign-flip p-value of the nDCG@10 difference, which questions got better or worse, and `regression`
+    (fine-tuned mean nDCG@10 below base: export and deploy_check then refuse to ship)."""
+    from embedpipe.significance import sign_flip_test
+    from embedpipe.user_questions import METRICS
+
+    qids = list(questions.qrels)
+    block: dict[str, Any] = {"file": questions.path, "questions": len(qids), "corpus": corpus_path,
+                             "passages": n_passages, "finetuned_model": finetuned_model}
+    for label, r in results.items():
+        block[label] = {m: r.metrics[m] for m in METRICS}
+    if set(results) >= {"base", "finetuned"}:
+        base, tuned = results["base"].per_query, results["finetuned"].per_query
+        diffs = [tuned[q][HEADLINE] - base[q][HEADLINE] for q in qids]
+        test = sign_flip_test(diffs)
+        block["delta"] = delta(block["base"], block["finetuned"])
+        block["significance"] = {"metric": HEADLINE, "mean_gain": round(test.mean_diff, 5),
+                                 "p_value": round(test.p_value, 5), "exact": test.exact,
+                                 "queries_better": test.better, "queries_worse": test.worse,
+                                 "queries_tied": test.tied}
+        block["regression"] = block["finetuned"][HEADLINE] < block["base"][HEADLINE]
+
+        def row(q: str, d: float) -> dict[str, Any]:
+            return {"line": questions.lines[q], "question": questions.queries[q]["text"],
+                    "base": round(base[q][HEADLINE], 5), "finetuned": round(tuned[q][HEADLINE], 5),
+                    "change": round(d, 5)}
+
+        moved = sorted(zip(qids, diffs, strict=True), key=lambda x: (-abs(x[1]), questions.lines[x[0]]))
+        block["better"] = [row(q, d) for q, d in moved if d > 0]
+        block["worse"] = [row(q, d) for q, d in moved if d < 0]
+    return block
+
+
+def user_question_rows(questions: Any, results: Mapping[str, Result]) -> list[dict[str, Any]]:
+    """`data/eval/user_questions.jsonl`: per question its line, text, relevant passages, and per model the
+    metrics and the rank of the first relevant passage (null: not in the top k)."""
+    rows = []
+    for qid, rel in questions.qrels.items():
+        row: dict[str, Any] = {"line": questions.lines[qid], "question": questions.queries[qid]["text"],
+                               "relevant": sorted(rel)}
+        for label, r in results.items():
+            ranked = sorted(r.run.get(qid, {}).items(), key=lambda kv: (-kv[1], kv[0]))
+            first = next((i for i, (doc, _) in enumerate(ranked, 1) if doc in rel), None)
+            row[label] = {**{m: r.per_query[qid][m] for m in ("ndcg@10", "mrr@10", "recall@10")}, "first_rank": first}
+        rows.append(row)
+    return rows
+
+
+def user_question_report(block: Mapping[str, Any]) -> list[str]:
+    """The report.md section on the user's own questions (after the synthetic test's metrics)."""
+    from embedpipe.user_questions import METRICS
+
+    lines = ["## Your own questions", "",
+             f"`{block['file']}`: {block['questions']} questions searched over the whole chunked corpus "
+             f"(`{block['corpus']}`, {block['passages']} passages).", ""]
+    models = [m for m in ("base", "finetuned") if m in block]
+    rows = [[display_name(m)] + [block[label][m] for label in models] + ([block["delta"][m]] if "delta" in block else [])
+            for m in METRICS]
+    lines += _md_table(["metric"] + models + (["delta"] if "delta" in block else []), rows) + [""]
+    if "significance" in block:
+        sig = block["significance"]
+        verdict = ("**worse than the base model: export and deploy_check will not ship it** "
+                   "(unless `eval.user_questions_allow_regression: true`)" if block["regression"]
+                   else "not worse than the base model")
+        lines += [f"nDCG@10 {sig['mean_gain']:+.4f} per question on average, paired sign-flip p = {sig['p_value']:.3f} "
+                  f"({sig['queries_better']} better, {sig['queries_worse']} worse, {sig['queries_tied']} tied): "
+                  f"{verdict}.", ""]
+        for title, key in (("Better", "better"), ("Worse", "worse")):
+            lines += [f"### {title} on nDCG@10 ({len(block[key])})", ""]
+            if not block[key]:
+                lines += ["(none)", ""]
+                continue
+            lines += _md_table(["line", "question", "base", "fine-tuned", "change"],
+                               [[r["line"], r["question"], r["base"], r["finetuned"], r["change"]] for r in block[key]])
+            lines.append("")
+    return lines
+
+
 def most_changed(base: PerQuery, finetuned: PerQuery, n: int = 10, metric: str = HEADLINE) -> tuple[list, list]:
     """The n queries that gained most and the n that lost most on `metric` (ties by query id)."""
     changes = sorted(((finetuned[q][metric] - base[q][metric], q) for q in base if q in finetuned), key=lambda x: x[1])
@@ -314,8 +396,10 @@ def write_report(
     k: int = 100,
     n_queries: int = 10,
     top: int = 5,
+    user_questions: Mapping[str, Any] | None = None,
 ) -> None:
-    """Markdown report for error analysis: metrics, breakdowns, and the queries that moved most."""
+    """Markdown report for error analysis: metrics, the user's own questions, breakdowns, and the queries that
+    moved most."""
     names = list(results)
     lines = [
         "# Retrieval evaluation",
@@ -334,6 +418,8 @@ def write_report(
         rows = [row + [round(tuned[m] - base[m], 5)] for row, m in zip(rows, metric_names, strict=True)]
         header.append("delta")
     lines += _md_table(header, rows) + [""]
+    if user_questions:
+        lines += user_question_report(user_questions)
     for field, table in breakdowns.items():
         lines += [f"## By {field}", ""]
         cols = [c for c in next(iter(table.values())) if c != "queries"] if table else []

@@ -299,6 +299,8 @@ class Eval(_Section):
     top_k: int = F(100, "passages retrieved per query (exact search)", gt=0)
     batch_size: int = F(32, "texts per encode batch", gt=0)
     fail_on_regression: bool = F(False, "exit 1 when the fine-tuned model is worse than base on nDCG@10")
+    user_questions: str = F("data/questions.jsonl", "your questions + what answers them (README); '' or an empty file = none")
+    user_questions_allow_regression: bool = F(False, "export/deploy_check ship a model worse than base on your questions")
     report_queries: int = F(10, "most improved / regressed queries listed in the report", ge=0)
     report_top: int = F(5, "top results shown per listed query", ge=0)
     tolerance_at_1: float = F(0.03, "endpoint mode: allowed |endpoint - reference| at @1", ge=0)

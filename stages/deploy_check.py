@@ -30,6 +30,7 @@ from embedpipe.models import ModelNotAvailable, load_model
 from embedpipe.onnx_encoder import ExportNotFound, read_export_config
 from embedpipe.params import load_params, section
 from embedpipe.server import ServerProcess, serving_description
+from embedpipe.user_questions import shipping_verdict
 
 
 def smoke_test(base_url: str, model: str, api_key: str) -> int:
@@ -84,11 +85,19 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
     \b
     Served vectors of a fixed sample of the test set are compared with the fine-tuned model's stored
     vectors (cosine, deploy.sample_cosine_min); on a small test set (<= deploy.full_eval_max_passages)
-    the served retrieval metrics are also compared with metrics/eval.json.
+    the served retrieval metrics are also compared with metrics/eval.json. A model that eval found worse than
+    base on your own questions (user_questions in deploy.reference) fails the check before anything starts,
+    unless eval.user_questions_allow_regression is true.
     """
     started = time.time()
     params = load_params(params_path)
     cfg, scfg = section(params, "deploy"), section(params, "serve")
+    allow = bool((params.get("eval") or {}).get("user_questions_allow_regression", False))
+    ship, why = shipping_verdict(cfg.get("reference", "metrics/eval.json"), allow, cfg.get("reference_model"))
+    if not ship:
+        alert(f"NOT SHIPPED: {why}")
+        sys.exit(1)
+    console.print(f"your questions: {why}")
     folder = model_dir or scfg["model_dir"]
     try:
         export = read_export_config(folder)

@@ -25,13 +25,16 @@ from embedpipe.evaluation import (
     per_query_rows,
     plot_comparison,
     reference_from_file,
+    user_question_block,
+    user_question_rows,
     write_plot_csv,
     write_report,
     write_trec_run,
 )
-from embedpipe.io import FormatError, load_beir, write_json, write_jsonl
+from embedpipe.io import FormatError, load_beir, load_corpus, write_json, write_jsonl
 from embedpipe.models import ModelNotAvailable
 from embedpipe.params import ParamsError, load_params, section
+from embedpipe.user_questions import README_HINT, UserQuestions, load_user_questions
 
 DEFAULTS = {
     "top_k": 100,
@@ -44,6 +47,8 @@ DEFAULTS = {
     "endpoint_batch_size": 32,
     "endpoint_timeout_s": 60,
     "endpoint_max_retries": 5,
+    "user_questions": "data/questions.jsonl",
+    "user_questions_allow_regression": False,
 }
 
 
@@ -85,6 +90,20 @@ DEFAULTS = {
     help="Which local models to evaluate.",
 )
 @click.option(
+    "--questions",
+    "questions_path",
+    default=None,
+    metavar="PATH",
+    help='Your own questions (JSONL, see README) [default: eval.user_questions, data/questions.jsonl; "" = none].',
+)
+@click.option(
+    "--corpus",
+    "chunks_path",
+    default="data/chunks/corpus.jsonl",
+    show_default=True,
+    help="Chunked corpus your own questions are searched over (every passage).",
+)
+@click.option(
     "--endpoint",
     default=None,
     metavar="URL",
@@ -118,6 +137,8 @@ def main(
     out_dir: str,
     metrics_path: str,
     models_only: str,
+    questions_path: str | None,
+    chunks_path: str,
     endpoint: str | None,
     served_model: str | None,
     api_key_env: str | None,
@@ -133,6 +154,8 @@ def main(
     metrics/eval.json ({"base", "finetuned", "delta"}), TREC run files, per-query metrics,
     report.md (breakdowns, most improved / regressed queries) and a plot into --out-dir.
     Exact search over the whole corpus with the model prompts; metrics by pytrec_eval.
+    With a questions file (eval.user_questions), also both models on your own questions,
+    searched over the whole chunked corpus: the `user_questions` block of the metrics.
 
     \b
     Endpoint mode (--endpoint URL --model NAME): embed queries and corpus through the
@@ -161,6 +184,7 @@ def main(
                 started,
             )
         else:
+            questions = questions_path if questions_path is not None else cfg.get("user_questions")
             ok = run_models(
                 beir_dir,
                 finetuned_dir,
@@ -173,10 +197,30 @@ def main(
                 cfg,
                 model_cfg,
                 started,
+                questions,
+                chunks_path,
             )
     except (FormatError, ParamsError, EndpointError, ModelNotAvailable) as e:
         raise click.ClickException(str(e)) from None
     sys.exit(0 if ok else 1)
+
+
+def user_questions(path: str | None, chunks_path: str) -> tuple[UserQuestions, dict] | None:
+    """The user's questions resolved against the chunked corpus, or None (with one line saying how to add them)."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        click.echo(f"No {path}: add your own questions to see whether fine-tuning helped on them ({README_HINT}).")
+        return None
+    if not Path(chunks_path).is_file():
+        warn(f"{path} not judged: no chunked corpus at {chunks_path} to search (run the chunk stage, or give --corpus)")
+        return None
+    corpus = load_corpus(chunks_path)
+    questions = load_user_questions(path, corpus)
+    if not questions.qrels:
+        click.echo(f"{path} is empty: no questions of your own judged ({README_HINT}).")
+        return None
+    return questions, corpus
 
 
 def load_local(name: str, model_cfg: dict[str, Any]) -> Any:
@@ -189,9 +233,17 @@ def load_local(name: str, model_cfg: dict[str, Any]) -> Any:
 
 
 def evaluate_local(
-    label: str, name: str, corpus: dict, queries: dict, qrels: dict, cfg: dict[str, Any], model_cfg: dict[str, Any]
-) -> Result:
-    """Load one local model, evaluate it, and let it go (two models never sit in memory together)."""
+    label: str,
+    name: str,
+    corpus: dict,
+    queries: dict,
+    qrels: dict,
+    cfg: dict[str, Any],
+    model_cfg: dict[str, Any],
+    user: tuple[UserQuestions, dict] | None = None,
+) -> Result | tuple[Result, Result]:
+    """Load one local model, evaluate it, and let it go (two models never sit in memory together).
+    With `user` (questions, chunked corpus) it also evaluates the user's questions: (test result, user result)."""
     console.print(f"[bold]{label}[/bold]: {name}")
     model = load_local(name, model_cfg)
     embed = model_embedder(
@@ -201,8 +253,13 @@ def evaluate_local(
         int(cfg["batch_size"]),
     )
     result = evaluate_embedder(label, embed, corpus, queries, qrels, k=int(cfg["top_k"]))
+    if user is None:
+        del model
+        return result
+    questions, chunks = user
+    mine = evaluate_embedder(label, embed, chunks, questions.queries, questions.qrels, k=int(cfg["top_k"]))
     del model
-    return result
+    return result, mine
 
 
 def run_models(
@@ -217,8 +274,11 @@ def run_models(
     cfg: dict[str, Any],
     model_cfg: dict[str, Any],
     started: float,
+    questions_path: str | None = None,
+    chunks_path: str = "data/chunks/corpus.jsonl",
 ) -> bool:
-    """Evaluate base and/or fine-tuned model; write every output; return False only on a fatal regression."""
+    """Evaluate base and/or fine-tuned model (and the user's questions, when there are some); write every output;
+    return False only on a fatal regression."""
     wanted = ["base", "finetuned"] if models_only == "both" else [models_only]
     if (
         "finetuned" in wanted
@@ -229,13 +289,20 @@ def run_models(
             f"{finetuned_dir}: no fine-tuned model there (run the finetune stage first, or use --models-only base)"
         )
     names = {"base": str(model_cfg["base_model"]), "finetuned": finetuned_dir}
-    results = {label: evaluate_local(label, names[label], corpus, queries, qrels, cfg, model_cfg) for label in wanted}
+    user = user_questions(questions_path, chunks_path)  # a bad file fails here, before any model is loaded
+    evaluated = {label: evaluate_local(label, names[label], corpus, queries, qrels, cfg, model_cfg, user)
+                 for label in wanted}
+    results = {label: r[0] if user else r for label, r in evaluated.items()}
+    mine = {label: r[1] for label, r in evaluated.items()} if user else {}
 
     out = Path(out_dir)
     for label, result in results.items():
         write_trec_run(out / f"run_{label}.trec", result.run, label)
     write_jsonl(out / "per_query.jsonl", per_query_rows(queries, qrels, results))
     metrics = comparison_metrics(queries, qrels, corpus, results)
+    if user:
+        metrics["user_questions"] = user_question_block(user[0], chunks_path, len(user[1]), mine, finetuned_dir)
+        write_jsonl(out / "user_questions.jsonl", user_question_rows(user[0], mine))
     breakdowns = {"query_type": metrics["by_query_type"], "hop_count": metrics["by_hop_count"]}
     write_report(
         out / "report.md",
@@ -248,6 +315,7 @@ def run_models(
         k=int(cfg["top_k"]),
         n_queries=int(cfg["report_queries"]),
         top=int(cfg["report_top"]),
+        user_questions=metrics.get("user_questions"),
     )
     scores = {label: r.metrics for label, r in results.items()}
     plot_comparison(out / "eval_plot.png", scores, f"Retrieval on {len(qrels)} test queries")
@@ -267,6 +335,14 @@ def run_models(
         rows["nDCG@10 gain (95% CI)"] = f"{sig['mean_gain']:+.4f} [{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}]"
         rows["sign-flip p"] = f"{sig['p_value']:.3f} ({sig['queries_better']} better, {sig['queries_worse']} worse)"
         rows["test queries LLM-written"] = f"{sig['llm_written']} of {sig['queries']}"
+    block = metrics.get("user_questions")
+    if block:
+        for label in mine:
+            rows[f"your questions: {label} nDCG@10"] = block[label][HEADLINE]
+        if "significance" in block:
+            sig = block["significance"]
+            rows["your questions: sign-flip p"] = (f"{sig['p_value']:.3f} ({sig['queries_better']} better, "
+                                                   f"{sig['queries_worse']} worse of {block['questions']})")
     counts = encode_counts()
     for label in results:
         c = counts.get(names[label], {"requested": 0, "encoded": 0})
@@ -280,6 +356,14 @@ def run_models(
             f"REGRESSION: the fine-tuned model is worse than the base model on nDCG@10 ({d:+.5f}). "
             f"See {out / 'report.md'} for the queries that lost most."
         )
+    if block and block.get("regression"):
+        d = block["delta"][HEADLINE]
+        alert(
+            f"WORSE ON YOUR QUESTIONS: the fine-tuned model's nDCG@10 on {block['file']} is lower than the base "
+            f"model's ({d:+.5f}); export and deploy_check will refuse to ship it unless "
+            f"eval.user_questions_allow_regression is true. The questions that lost are in {out / 'report.md'}."
+        )
+    if regression:
         return not bool(cfg["fail_on_regression"])
     return True
 

@@ -62,6 +62,7 @@ from embedpipe.onnx_export import (
 )
 from embedpipe.params import load_params, section
 from embedpipe.retrieval import bounded_corpus, retrieve
+from embedpipe.user_questions import shipping_verdict
 
 
 def load_texts(eval_dir: Path, fallback_corpus: Path, max_passages: int = 0, seed: int = 0) -> dict[str, Any]:
@@ -188,19 +189,30 @@ def torch_reference(model: Any, data: dict[str, Any], query_prompt: str, passage
 @click.option("--out", "out_dir", default=None, help="Output folder (overrides export.out_dir).")
 @click.option("--eval-dir", default=None, help="BEIR test set for the parity check (overrides export.eval_dir).")
 @click.option("--metrics", "metrics_path", default="metrics/export.json", show_default=True)
-def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: str | None, metrics_path: str) -> None:
+@click.option("--eval-metrics", default="metrics/eval.json", show_default=True,
+              help="Eval's metrics: a model worse than base on your own questions (user_questions) is not exported.")
+def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: str | None, metrics_path: str,
+         eval_metrics: str) -> None:
     """Export the fine-tuned model to ONNX (one graph: token ids -> normalised embedding) and check parity.
 
     Writes OUT/model.onnx, OUT/model_opt.onnx, OUT/model_int8_block.onnx (on request OUT/model_int8.onnx; with a GPU
     OUT/model_fp16.onnx), each kept only
     when its check passes), on CPUs with native bfloat16 OUT/torch/ (the torch_bf16 variant, when it passes),
     the tokenizer, OUT/embedpipe.json (prompts, max length, dimension, name, the served default), OUT/triton/
-    (a Triton model repository) and, on a GPU with TensorRT, an engine. Fails when the fp32 graph does not match.
+    (a Triton model repository) and, on a GPU with TensorRT, an engine. Fails when the fp32 graph does not match,
+    and refuses to start when eval found the model worse than base on your own questions (user_questions in
+    --eval-metrics) unless eval.user_questions_allow_regression is true.
     """
     started = time.time()
     params = load_params(params_path)
     cfg, mcfg = section(params, "export"), section(params, "model")
     source = model_in or cfg["input"]
+    allow = bool((params.get("eval") or {}).get("user_questions_allow_regression", False))
+    ship, why = shipping_verdict(eval_metrics, allow, source)
+    if not ship:
+        alert(f"NOT EXPORTED: {why}")
+        sys.exit(1)
+    console.print(f"your questions: {why}")
     out = Path(out_dir or cfg["out_dir"])
     try:
         model = load_model(source, device="cpu", max_seq_length=mcfg["max_seq_length"])

@@ -106,6 +106,17 @@ def main(metrics_dir: str, plot: str, diff_rev: str, out: str) -> None:
         for name in ("ndcg@10", "recall@10"):
             if name in b and name in t:
                 headline[f"{name} base → fine-tuned"] = f"{b[name]:.4f} → {t[name]:.4f} ({t[name] - b[name]:+.4f})"
+        mine = eval_metrics.get("user_questions") or {}
+        if "delta" in mine:
+            sig = mine["significance"]
+            lines += [f"## Your own questions (`{mine['file']}`, {mine['questions']} questions, base → fine-tuned)", ""]
+            lines += comparison_rows(mine) + [""]
+            lines += [f"Sign-flip p = {sig['p_value']:.3f} ({sig['queries_better']} better, {sig['queries_worse']} "
+                      f"worse, {sig['queries_tied']} tied)" + (": **worse than the base model** (export and deploy_check refuse it unless "
+                                                              "`eval.user_questions_allow_regression`)"
+                                                              if mine.get("regression") else "") + ".", ""]
+            b, t = mine["base"]["ndcg@10"], mine["finetuned"]["ndcg@10"]
+            headline["your questions ndcg@10"] = f"{b:.4f} → {t:.4f} ({t - b:+.4f}, p {sig['p_value']:.3f})"
     serve_path = folder / "serve_eval.json"
     if serve_path.is_file():
         serve = read_json(serve_path)

@@ -29,7 +29,16 @@ TINY_OVERRIDES: dict[str, Any] = {
     "finetune": {"max_steps": 2, "warmup_ratio": 0.0,
                  "cpu": {"max_seq_length": 64, "passages_per_query": 2, "epochs": 1, "max_steps": 2}},
     "export": {"fp16": False, "min_parity_texts": 10},
+    # Two training steps may well lose on three questions: the gate is tested in test_user_questions.py; here the
+    # block must be computed and the pipeline must go on.
+    "eval": {"user_questions_allow_regression": True},
 }
+# The user's own questions over tests/data/tiny_docs (data/questions.jsonl is a DVC dep of eval).
+TINY_QUESTIONS = [
+    {"question": "How often should I descale the K2 in hard water?", "answer_file": "kettle-k2.md"},
+    {"question": "What part fixes a toaster lever that will not stay down?", "answer_text": "electromagnet part TM-44"},
+    {"question": "how long is the grinder motor warranty", "answer_text": "5-year warranty on the motor"},
+]
 PIPELINE = ["chunk", "sdg", "prep", "finetune", "eval", "export", "deploy_check", "report"]
 
 
@@ -64,6 +73,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_docs_dir: Path) -> Pa
     shutil.copytree(tiny_docs_dir, root / "docs")
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO_ROOT / ".gitignore", root / ".gitignore")
+    (root / "data").mkdir()
+    (root / "data" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in TINY_QUESTIONS))
     params = deep_merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], root)
@@ -89,6 +100,8 @@ def test_every_stage_ran_and_wrote_its_outputs(project: Path):
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert {"base", "finetuned", "delta"} <= set(evaluation)
     assert 0 <= evaluation["finetuned"]["ndcg@10"] <= 1
+    mine = evaluation["user_questions"]
+    assert mine["questions"] == 3 and {"base", "finetuned", "delta", "significance", "regression"} <= set(mine)
     assert json.loads((project / "metrics/serve_eval.json").read_text())["passed"] is True
     report = (project / "metrics/report.md").read_text()
     assert "ndcg@10" in report and "Deployed endpoint check" in report
