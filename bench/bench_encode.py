@@ -1,4 +1,4 @@
-"""Benchmark: the bulk encoder (ONNX Runtime fp32, `embedpipe.bulk_encoder`) vs torch on a corpus encode.
+"""Benchmark: the bulk encoder (ONNX Runtime fp32, `embedpipe.core.bulk_encoder`) vs torch on a corpus encode.
 
 The texts are real passages: the sample docs (or `--docs DIR`) chunked as the chunk stage does, repeated up to
 `--passages` (default 1,000). Both encoders run in this process, side by side: the passages are split into
@@ -33,8 +33,8 @@ TARGET_SPEEDUP = 1.6
 
 def passages_from(docs: Path, model_location: str, n: int) -> tuple[list[str], int]:
     """n passages chunked from `docs` (200-token target, the chunk stage's defaults), repeated when fewer."""
-    from embedpipe.chunking import chunk_document, token_counter
-    from embedpipe.documents import Document, discover, read_document
+    from embedpipe.documents.chunking import chunk_document, token_counter
+    from embedpipe.documents.reading import Document, discover, read_document
 
     files, _ = discover(docs)
     count = token_counter(model_location)
@@ -71,9 +71,9 @@ def cpu_name() -> str:
 @click.option("--max-seq-length", default=256, show_default=True)
 @click.option("--out", "out_path", default=str(ROOT / "bench" / "results" / "encode.json"), show_default=True)
 def main(docs: Path, n_passages: int, blocks: int, batch_size: int, max_seq_length: int, out_path: str) -> None:
-    from embedpipe.bulk_encoder import resolve, use_bulk_encoder
-    from embedpipe.embed_store import model_fingerprint
-    from embedpipe.models import cpu_has_bf16, encode, load_model, resolve_model
+    from embedpipe.core.bulk_encoder import resolve, use_bulk_encoder
+    from embedpipe.core.embed_store import model_fingerprint
+    from embedpipe.core.models import cpu_has_bf16, encode, load_model, resolve_model
 
     model = load_model("all-MiniLM-L6-v2", device="cpu", max_seq_length=max_seq_length)
     texts, distinct = passages_from(docs, resolve_model("all-MiniLM-L6-v2"), n_passages)

@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.io import read_jsonl, write_beir  # noqa: E402
-from embedpipe.models import load_model  # noqa: E402
+from embedpipe.core.io import read_jsonl, write_beir  # noqa: E402
+from embedpipe.core.models import load_model  # noqa: E402
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.io import read_json, read_jsonl, write_jsonl  # noqa: E402
-from embedpipe.models import encode, load_model  # noqa: E402
-from embedpipe.retrieval import search  # noqa: E402
+from embedpipe.core.io import read_json, read_jsonl, write_jsonl  # noqa: E402
+from embedpipe.core.models import encode, load_model  # noqa: E402
+from embedpipe.core.retrieval import search  # noqa: E402
 
 
 def ict_prep(corpus_path: Path, out: Path, negatives: int = 4, val_every: int = 8) -> int:

@@ -1,4 +1,4 @@
-"""Benchmark: embedpipe.mining.mine vs sentence_transformers.util.mine_hard_negatives (not a test).
+"""Benchmark: embedpipe.prep.mining.mine vs sentence_transformers.util.mine_hard_negatives (not a test).
 
 Same model, same texts, same embeddings (encoded once here, handed to ST through its own embedding cache),
 relative_margin=0.05, num_negatives=5, use_faiss=False. Each side runs in its own subprocess that loads
@@ -70,7 +70,7 @@ def peak_rss_mb() -> float:
 
 def child(side: str, work: Path) -> dict:
     """Runs in a fresh process: load the model, then mine from the precomputed embeddings."""
-    from embedpipe.models import load_model
+    from embedpipe.core.models import load_model
 
     model = load_model(MODEL, "cpu", MAX_SEQ)
     meta = json.loads((work / "texts.json").read_text())
@@ -79,8 +79,8 @@ def child(side: str, work: Path) -> dict:
     reset_peak_rss()
     rss_before = psutil.Process().memory_info().rss / 2**20
     if side.startswith("ours"):
-        from embedpipe.mining import mine
-        from embedpipe.params import load_params
+        from embedpipe.core.params import load_params
+        from embedpipe.prep.mining import mine
 
         cfg = load_params(ROOT / "params.yaml")["prep"]
         t0 = time.perf_counter()
@@ -132,8 +132,8 @@ def main(quick: bool, n_queries: int, n_passages: int, encode_limit: int, child_
         return
     if quick:
         n_queries, n_passages = 200, 5000
-    from embedpipe.embed_store import encode_cached
-    from embedpipe.models import load_model
+    from embedpipe.core.embed_store import encode_cached
+    from embedpipe.core.models import load_model
 
     n_real = min(n_passages, encode_limit)  # positives are drawn from these: their embeddings match their text
     queries, passages, positives = build_texts(n_queries, n_passages, n_real)
@@ -164,7 +164,7 @@ def main(quick: bool, n_queries: int, n_passages: int, encode_limit: int, child_
     ours, st = results["ours"], results["st"]
     both = [(a, b) for a, b in zip(ours["negatives"], st["negatives"], strict=True) if b is not None]
     agree = sum(a == b for a, b in both) / max(1, len(both))
-    from embedpipe.console import summary
+    from embedpipe.core.console import summary
 
     summary(f"hard-negative mining, {n_queries:,} queries x {n_passages:,} passages (MiniLM, seq {MAX_SEQ})", {
         "encode once (cached in cache/bench)": f"{encode_s:.1f} s ({len(queries):,} queries + {n_real:,} passages)",

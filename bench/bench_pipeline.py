@@ -44,8 +44,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.embed_store import STORE_ENV, read_encode_log  # noqa: E402
-from embedpipe.models import BF16_SWITCH, cpu_has_bf16  # noqa: E402
+from embedpipe.core.embed_store import STORE_ENV, read_encode_log  # noqa: E402
+from embedpipe.core.models import BF16_SWITCH, cpu_has_bf16  # noqa: E402
 
 TARGET_DOCS_S = 45 * 60  # a 5-15k-passage doc set, default params, 2 cores
 TARGET_SAMPLE_S = 10 * 60  # the sample corpus

@@ -39,10 +39,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.documents import DocumentsError, discover  # noqa: E402
-from embedpipe.io import FormatError, load_beir, read_json, read_jsonl, write_json  # noqa: E402
-from embedpipe.params import ParamsError, validate  # noqa: E402
-from embedpipe.significance import paired_bootstrap_ci, sign_flip_test  # noqa: E402
+from embedpipe.core.io import FormatError, load_beir, read_json, read_jsonl, write_json  # noqa: E402
+from embedpipe.core.params import ParamsError, validate  # noqa: E402
+from embedpipe.documents.reading import DocumentsError, discover  # noqa: E402
+from embedpipe.evaluation.significance import paired_bootstrap_ci, sign_flip_test  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from suite_report import HELD_OUT  # noqa: E402
@@ -151,8 +151,8 @@ def fingerprint(inputs: list[Path]) -> str:
     """Cheap identity of the code and data a step depends on (contents of the code; names, sizes and mtimes of
     the data), so a resumed workspace never reuses a step made by other code or from other documents."""
     h = hashlib.sha256()
-    for path in sorted([*ROOT.glob("stages/*.py"), *ROOT.glob("embedpipe/*.py")]):
-        h.update(path.name.encode() + path.read_bytes())
+    for path in sorted([*ROOT.glob("stages/*.py"), *ROOT.glob("embedpipe/**/*.py")]):
+        h.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
     for folder in inputs:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
@@ -528,7 +528,7 @@ def mpnet_zero_shot(work: Path, env: dict[str, str], verbose: bool, params: dict
 
 def cpu_name() -> str:
     """The CPU's model name and whether it computes bf16 natively (what decides which path `auto` takes)."""
-    from embedpipe.models import cpu_has_bf16
+    from embedpipe.core.models import cpu_has_bf16
 
     name = "unknown CPU"
     try:

@@ -23,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from embedpipe.io import load_corpus, passage_text, read_json, read_jsonl  # noqa: E402
+from embedpipe.core.io import load_corpus, passage_text, read_json, read_jsonl  # noqa: E402
 
 
 def run_stage(params: dict, corpus: Path, work: Path) -> tuple[dict, float]:
@@ -77,9 +77,9 @@ def main(corpus: str, params_path: str, passages: int, levels_csv: str, judge_ch
 
 def check_judge(params: dict, corpus_path: Path, pairs_dir: Path, work: Path) -> None:
     """Score every generated pair with its own passage (should be high) and a foreign one (should be low)."""
-    from embedpipe import sdg
-    from embedpipe.llm import LLMClient, LLMConfig, RequestCache
-    from embedpipe.llm_server import EmbeddedServer, model_file
+    from embedpipe.sdg import rules as sdg
+    from embedpipe.sdg.llm import LLMClient, LLMConfig, RequestCache
+    from embedpipe.sdg.llm_server import EmbeddedServer, model_file
 
     corpus = load_corpus(corpus_path)
     llm = params["sdg"]["llm"]

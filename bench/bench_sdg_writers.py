@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from embedpipe.io import load_corpus, read_json, read_jsonl  # noqa: E402
+from embedpipe.core.io import load_corpus, read_json, read_jsonl  # noqa: E402
 
 
 @click.command()
@@ -60,9 +60,9 @@ def main(corpus: str, passages: int, model: str, api: str, work: str, judge: boo
     for r in read_jsonl(work / "sdg" / "rejected.jsonl"):
         print("  REJECTED:", r.get("question", r.get("raw", ""))[:120], "|", r["reason"][:60])
     if judge:
-        from embedpipe.llm import LLMClient, LLMConfig, RequestCache
-        from embedpipe.llm_server import EmbeddedServer, model_file
-        from embedpipe.sdg_jobs import judge as judge_one
+        from embedpipe.sdg.jobs import judge as judge_one
+        from embedpipe.sdg.llm import LLMClient, LLMConfig, RequestCache
+        from embedpipe.sdg.llm_server import EmbeddedServer, model_file
         pairs = (read_jsonl(work / "sdg" / "qa.jsonl") + [r for r in read_jsonl(work / "sdg" / "rejected.jsonl")
                                                           if r.get("question") and r.get("answer")])[:judge_pairs]
         c = load_corpus(corpus)

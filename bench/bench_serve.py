@@ -48,12 +48,14 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 
-from embedpipe.endpoint import EmbeddingEndpoint  # noqa: E402
-from embedpipe.io import load_beir, load_corpus, passage_text  # noqa: E402
-from embedpipe.metrics import evaluate  # noqa: E402
-from embedpipe.models import encode, load_model, resolve_model  # noqa: E402
-from embedpipe.onnx_encoder import OnnxEncoder, TorchEncoder  # noqa: E402
-from embedpipe.onnx_export import (  # noqa: E402
+from embedpipe.core.encoders import OnnxEncoder, TorchEncoder  # noqa: E402
+from embedpipe.core.io import load_beir, load_corpus, passage_text  # noqa: E402
+from embedpipe.core.models import encode, load_model, resolve_model  # noqa: E402
+from embedpipe.core.processes import ChildServer, free_port  # noqa: E402
+from embedpipe.core.retrieval import retrieve  # noqa: E402
+from embedpipe.evaluation.metrics import evaluate  # noqa: E402
+from embedpipe.serving.endpoint import EmbeddingEndpoint  # noqa: E402
+from embedpipe.serving.export import (  # noqa: E402
     build_int8,
     cosine_parity,
     export_onnx,
@@ -62,9 +64,7 @@ from embedpipe.onnx_export import (  # noqa: E402
     optimize_fp32,
     quantize_int8_blockwise,
 )
-from embedpipe.processes import ChildServer, free_port  # noqa: E402
-from embedpipe.retrieval import retrieve  # noqa: E402
-from embedpipe.server import ServerProcess  # noqa: E402
+from embedpipe.serving.server import ServerProcess  # noqa: E402
 
 
 def load_texts(n: int) -> list[str]:
@@ -112,8 +112,8 @@ def drive_workers(encoder, texts: list[str], concurrency: int) -> float:
 def mode_spec(model: str, folder: Path, flags: list[str]):
     """The torch_bf16 server's model setup under a server mode's flags (--model-workers, --[no-]torch-compile; the
     rest from params.yaml `serve:`, `auto` resolved as the server does): (EncoderSpec, workers)."""
-    from embedpipe.onnx_encoder import EncoderSpec, serving_plan, worker_spec
-    from embedpipe.params import load_params
+    from embedpipe.core.encoders import EncoderSpec, serving_plan, worker_spec
+    from embedpipe.core.params import load_params
 
     cfg = load_params(str(ROOT / "params.yaml"))["serve"]
     workers = int(flags[flags.index("--model-workers") + 1]) if "--model-workers" in flags else cfg["model_workers"]
@@ -315,7 +315,7 @@ def compare(model: str, st, tmp: Path, beir_dir: Path, max_passages: int, n_requ
             seconds, _ = drive_in_process(in_process, texts, c)
             speed[name][f"in_process_c{c}"] = round(len(texts) / seconds, 1)
         if name == "torch_bf16":  # each mode's model setup without HTTP, for its HTTP overhead
-            from embedpipe.model_process import ProcessEncoder
+            from embedpipe.serving.model_process import ProcessEncoder
 
             for mode, flags in {"server": [], **(extra_modes or {})}.items():
                 spec, workers = mode_spec(model, tmp, flags)

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 import click  # noqa: E402
 import torch  # noqa: E402
 
-from embedpipe.losses import HardNegativeSoftmaxLoss  # noqa: E402
-from embedpipe.models import load_model  # noqa: E402
-from embedpipe.training import set_attention_dropout  # noqa: E402
+from embedpipe.core.models import load_model  # noqa: E402
+from embedpipe.training.losses import HardNegativeSoftmaxLoss  # noqa: E402
+from embedpipe.training.trainer import set_attention_dropout  # noqa: E402
 
 SETUPS = {
     "default": {"attention_dropout": None, "frozen_layers": 0},

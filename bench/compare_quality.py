@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.io import FormatError, read_json, write_json  # noqa: E402
-from embedpipe.significance import paired_bootstrap_ci, sign_flip_test  # noqa: E402
+from embedpipe.core.io import FormatError, read_json, write_json  # noqa: E402
+from embedpipe.evaluation.significance import paired_bootstrap_ci, sign_flip_test  # noqa: E402
 
 
 class CompareError(click.ClickException):

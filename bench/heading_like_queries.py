@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedpipe.documents import Document, discover, read_document  # noqa: E402
+from embedpipe.documents.reading import Document, discover, read_document  # noqa: E402
 
 FUNCTION_WORDS = set("""
 a an the and or but if of to in on at by for with from as into about over under between through is are was

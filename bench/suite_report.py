@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.significance import paired_bootstrap_ci, sign_flip_test
+from embedpipe.evaluation.significance import paired_bootstrap_ci, sign_flip_test
 
 HELD_OUT = ("sqlite-faq", "zsh-faq")  # confirm a default here once; never choose a lever on these
 TUNING = ("django-faq", "sqlalchemy-faq", "celery-faq")

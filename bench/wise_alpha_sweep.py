@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedpipe.io import read_json  # noqa: E402
-from embedpipe.models import resolve_model  # noqa: E402
-from embedpipe.training import interpolate_state  # noqa: E402
+from embedpipe.core.io import read_json  # noqa: E402
+from embedpipe.core.models import resolve_model  # noqa: E402
+from embedpipe.training.trainer import interpolate_state  # noqa: E402
 
 
 @click.command()

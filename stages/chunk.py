@@ -10,12 +10,12 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from embedpipe.chunking import chunk_document, merge_duplicate, token_counter
-from embedpipe.console import summary, warn
-from embedpipe.documents import Document, DocumentsError, discover, read_document
-from embedpipe.io import write_json, write_jsonl
-from embedpipe.models import resolve_model
-from embedpipe.params import load_params, section
+from embedpipe.core.console import summary, warn
+from embedpipe.core.io import write_json, write_jsonl
+from embedpipe.core.models import resolve_model
+from embedpipe.core.params import load_params, section
+from embedpipe.documents.chunking import chunk_document, merge_duplicate, token_counter
+from embedpipe.documents.reading import Document, DocumentsError, discover, read_document
 
 
 @click.command()

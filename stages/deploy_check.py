@@ -21,16 +21,16 @@ from typing import Any
 
 import click
 
-from embedpipe.console import alert, console, summary
-from embedpipe.deploy import sample_test_set, vector_agreement
-from embedpipe.embed_store import encode_cached, encode_counts
-from embedpipe.endpoint import EmbeddingEndpoint, EndpointError
-from embedpipe.io import FormatError, load_beir, read_json, write_json
-from embedpipe.models import ModelNotAvailable, load_model
-from embedpipe.onnx_encoder import ExportNotFound, read_export_config
-from embedpipe.params import load_params, section
-from embedpipe.server import ServerProcess, serving_description
-from embedpipe.user_questions import shipping_verdict
+from embedpipe.core.console import alert, console, summary
+from embedpipe.core.embed_store import encode_cached, encode_counts
+from embedpipe.core.encoders import ExportNotFound, read_export_config
+from embedpipe.core.io import FormatError, load_beir, read_json, write_json
+from embedpipe.core.models import ModelNotAvailable, load_model
+from embedpipe.core.params import load_params, section
+from embedpipe.evaluation.user_questions import shipping_verdict
+from embedpipe.serving.deploy import sample_test_set, vector_agreement
+from embedpipe.serving.endpoint import EmbeddingEndpoint, EndpointError
+from embedpipe.serving.server import ServerProcess, serving_description
 
 
 def smoke_test(base_url: str, model: str, api_key: str) -> int:

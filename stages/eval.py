@@ -10,10 +10,12 @@ from typing import Any
 
 import click
 
-from embedpipe.console import alert, console, summary, warn
-from embedpipe.embed_store import encode_backends, encode_counts
-from embedpipe.endpoint import EmbeddingEndpoint, EndpointError
-from embedpipe.evaluation import (
+from embedpipe.core.console import alert, console, summary, warn
+from embedpipe.core.embed_store import encode_backends, encode_counts
+from embedpipe.core.io import FormatError, load_beir, load_corpus, write_json, write_jsonl
+from embedpipe.core.models import ModelNotAvailable
+from embedpipe.core.params import ParamsError, load_params, section
+from embedpipe.evaluation.report import (
     HEADLINE,
     Result,
     compare_with_reference,
@@ -31,10 +33,8 @@ from embedpipe.evaluation import (
     write_report,
     write_trec_run,
 )
-from embedpipe.io import FormatError, load_beir, load_corpus, write_json, write_jsonl
-from embedpipe.models import ModelNotAvailable
-from embedpipe.params import ParamsError, load_params, section
-from embedpipe.user_questions import README_HINT, UserQuestions, load_user_questions
+from embedpipe.evaluation.user_questions import README_HINT, UserQuestions, load_user_questions
+from embedpipe.serving.endpoint import EmbeddingEndpoint, EndpointError
 
 DEFAULTS = {
     "top_k": 100,
@@ -225,8 +225,8 @@ def user_questions(path: str | None, chunks_path: str) -> tuple[UserQuestions, d
 
 def load_local(name: str, model_cfg: dict[str, Any]) -> Any:
     """A local model for corpus-sized encodes: on the bulk encoder (ONNX Runtime where exact, `model.bulk_encoder`)."""
-    from embedpipe.bulk_encoder import use_bulk_encoder
-    from embedpipe.models import load_model
+    from embedpipe.core.bulk_encoder import use_bulk_encoder
+    from embedpipe.core.models import load_model
 
     model = load_model(name, model_cfg.get("device"), model_cfg.get("max_seq_length"))
     return use_bulk_encoder(model, model_cfg.get("bulk_encoder", "auto"))

@@ -28,12 +28,9 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from embedpipe.console import alert, console, summary, warn
-from embedpipe.embed_store import encode_cached, encode_counts
-from embedpipe.io import FormatError, load_beir, load_corpus, passage_text, write_json
-from embedpipe.metrics import evaluate
-from embedpipe.models import BF16_SWITCH, ModelNotAvailable, cpu_has_bf16, encode, load_model
-from embedpipe.onnx_encoder import (
+from embedpipe.core.console import alert, console, summary, warn
+from embedpipe.core.embed_store import encode_cached, encode_counts
+from embedpipe.core.encoders import (
     BATCH_DEPENDENT,
     CPU_VARIANTS,
     TORCH_DIR,
@@ -42,7 +39,13 @@ from embedpipe.onnx_encoder import (
     OnnxEncoder,
     TorchEncoder,
 )
-from embedpipe.onnx_export import (
+from embedpipe.core.io import FormatError, load_beir, load_corpus, passage_text, write_json
+from embedpipe.core.models import BF16_SWITCH, ModelNotAvailable, cpu_has_bf16, encode, load_model
+from embedpipe.core.params import load_params, section
+from embedpipe.core.retrieval import bounded_corpus, retrieve
+from embedpipe.evaluation.metrics import evaluate
+from embedpipe.evaluation.user_questions import shipping_verdict
+from embedpipe.serving.export import (
     build_int8,
     build_trt_plan,
     convert_fp16,
@@ -60,9 +63,6 @@ from embedpipe.onnx_export import (
     timed,
     write_triton_repo,
 )
-from embedpipe.params import load_params, section
-from embedpipe.retrieval import bounded_corpus, retrieve
-from embedpipe.user_questions import shipping_verdict
 
 
 def load_texts(eval_dir: Path, fallback_corpus: Path, max_passages: int = 0, seed: int = 0) -> dict[str, Any]:

@@ -19,12 +19,13 @@ from typing import Any
 
 import click
 
-from embedpipe.console import alert, summary, warn
-from embedpipe.io import FormatError, load_corpus, read_jsonl, write_json
-from embedpipe.losses import check_params, needs_teacher
-from embedpipe.models import ModelNotAvailable, detect_device, load_model
-from embedpipe.params import ParamsError, load_params, section
-from embedpipe.training import (
+from embedpipe.core.console import alert, summary, warn
+from embedpipe.core.io import FormatError, load_corpus, read_jsonl, write_json
+from embedpipe.core.models import ModelNotAvailable, detect_device, load_model
+from embedpipe.core.params import ParamsError, load_params, section
+from embedpipe.training.data import build_training_table, oversample_llm_questions, teacher_scored, validation_set
+from embedpipe.training.losses import check_params, needs_teacher
+from embedpipe.training.trainer import (
     apply_wise,
     effective_params,
     is_main_process,
@@ -37,7 +38,6 @@ from embedpipe.training import (
     world_size,
     write_model_card,
 )
-from embedpipe.training_data import build_training_table, oversample_llm_questions, teacher_scored, validation_set
 
 
 def _relaunch_distributed(cfg: dict) -> int | None:

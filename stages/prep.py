@@ -10,11 +10,10 @@ from typing import Any
 
 import click
 
-from embedpipe.bulk_encoder import use_bulk_encoder
-from embedpipe.console import summary, warn
-from embedpipe.distillation import mining_depth, teacher_rescore
-from embedpipe.embed_store import encode_backends, encode_cached, encode_counts
-from embedpipe.io import (
+from embedpipe.core.bulk_encoder import use_bulk_encoder
+from embedpipe.core.console import summary, warn
+from embedpipe.core.embed_store import encode_backends, encode_cached, encode_counts
+from embedpipe.core.io import (
     FormatError,
     load_corpus,
     passage_text,
@@ -24,7 +23,10 @@ from embedpipe.io import (
     write_json,
     write_jsonl,
 )
-from embedpipe.mining import (
+from embedpipe.core.models import ModelNotAvailable, load_model
+from embedpipe.core.params import ParamsError, load_params, section
+from embedpipe.prep.distillation import mining_depth, teacher_rescore
+from embedpipe.prep.mining import (
     PrepError,
     beir_test_set,
     clean_questions,
@@ -32,8 +34,6 @@ from embedpipe.mining import (
     split_questions,
     unroll,
 )
-from embedpipe.models import ModelNotAvailable, load_model
-from embedpipe.params import ParamsError, load_params, section
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None]:

@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from embedpipe.console import console, summary
-from embedpipe.io import atomic_open, read_json
+from embedpipe.core.console import console, summary
+from embedpipe.core.io import atomic_open, read_json
 
 # (metrics file, title, keys shown; None = every scalar top-level key)
 SECTIONS: list[tuple[str, str, list[str] | None]] = [

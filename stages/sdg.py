@@ -2,7 +2,7 @@
 
 Generators: an LLM (any OpenAI-compatible endpoint, or an embedded llama.cpp server when
 sdg.llm.base_url is empty) and the LLM-free inverse cloze, heading, anchor and definition pairs (supplements, each
-capped by its max_share; `embedpipe.sdg_structure`). Gates,
+capped by its max_share; `embedpipe.sdg.structure`). Gates,
 cheapest first: junk -> context -> dedup -> retrieval consistency -> LLM judge. The LLM phase stops
 issuing requests when sdg.llm.time_budget_s is spent. Every LLM request is cached in cache/llm/ (outside DVC outs),
 so an interrupted run resumes without repeating finished requests.
@@ -19,18 +19,18 @@ from typing import Any
 import click
 import numpy as np
 
-from embedpipe import sdg
-from embedpipe.bulk_encoder import use_bulk_encoder
-from embedpipe.console import alert, summary, warn
-from embedpipe.embed_store import encode_cached
-from embedpipe.io import FormatError, load_corpus, passage_text, write_json, write_jsonl
-from embedpipe.llm import LLMClient, LLMConfig, LLMFatalError, RequestCache
-from embedpipe.llm_server import EmbeddedServer, ServerError, model_file, recommended_api
-from embedpipe.models import ModelNotAvailable, load_model
-from embedpipe.params import ParamsError, load_params, section
-from embedpipe.sdg_gates import CandidatePool, is_llm_free
-from embedpipe.sdg_jobs import generate_pairs, inverse_cloze_records, plan_jobs
-from embedpipe.sdg_structure import anchor_records, definition_records, heading_records
+from embedpipe.core.bulk_encoder import use_bulk_encoder
+from embedpipe.core.console import alert, summary, warn
+from embedpipe.core.embed_store import encode_cached
+from embedpipe.core.io import FormatError, load_corpus, passage_text, write_json, write_jsonl
+from embedpipe.core.models import ModelNotAvailable, load_model
+from embedpipe.core.params import ParamsError, load_params, section
+from embedpipe.sdg import rules as sdg
+from embedpipe.sdg.gates import CandidatePool, is_llm_free
+from embedpipe.sdg.jobs import generate_pairs, inverse_cloze_records, plan_jobs
+from embedpipe.sdg.llm import LLMClient, LLMConfig, LLMFatalError, RequestCache
+from embedpipe.sdg.llm_server import EmbeddedServer, ServerError, model_file, recommended_api
+from embedpipe.sdg.structure import anchor_records, definition_records, heading_records
 
 
 @click.command()

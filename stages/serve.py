@@ -15,8 +15,8 @@ import sys
 
 import click
 
-from embedpipe.console import console, warn
-from embedpipe.params import load_params, section
+from embedpipe.core.console import console, warn
+from embedpipe.core.params import load_params, section
 
 
 @click.command()
@@ -57,9 +57,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     serve.default_truncate. On SIGTERM / Ctrl-C, work in flight gets serve.drain_timeout_s to finish; the
     exit code is 1 if any accepted request had to be answered 503 instead.
     """
-    from embedpipe.model_process import ModelProcessError, ProcessEncoder
-    from embedpipe.models import ModelNotAvailable
-    from embedpipe.onnx_encoder import (
+    from embedpipe.core.encoders import (
         EncoderSpec,
         ExportNotFound,
         TorchEncoder,
@@ -67,7 +65,9 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
         serving_plan,
         worker_spec,
     )
-    from embedpipe.server import ServerSettings, batch_tokens_for, create_app, run_server, serving_description
+    from embedpipe.core.models import ModelNotAvailable
+    from embedpipe.serving.model_process import ModelProcessError, ProcessEncoder
+    from embedpipe.serving.server import ServerSettings, batch_tokens_for, create_app, run_server, serving_description
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")

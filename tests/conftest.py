@@ -22,7 +22,7 @@ def embedding_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Set before any module-scoped fixture runs a stage (session fixtures come first); tests that count
     encodes point EMBEDPIPE_EMBED_CACHE at their own folder.
     """
-    from embedpipe.embed_store import STORE_ENV
+    from embedpipe.core.embed_store import STORE_ENV
 
     root = tmp_path_factory.mktemp("embed_store")
     os.environ[STORE_ENV] = str(root)
@@ -49,14 +49,14 @@ def tiny_corpus_path() -> Path:
 @pytest.fixture(scope="session")
 def minilm():
     """The embedded default embedder, loaded once per test session."""
-    from embedpipe.models import load_model
+    from embedpipe.core.models import load_model
 
     return load_model("all-MiniLM-L6-v2", device="cpu")
 
 
 @pytest.fixture(name="free_port")
 def free_port_fixture() -> int:
-    from embedpipe.processes import free_port
+    from embedpipe.core.processes import free_port
 
     return free_port()
 

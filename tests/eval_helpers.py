@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from embedpipe.io import read_jsonl, write_beir
+from embedpipe.core.io import read_jsonl, write_beir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

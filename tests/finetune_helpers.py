@@ -1,14 +1,14 @@
 """Tiny prep-format fixtures for the finetune tests: hand-written questions over tests/data/tiny_corpus.jsonl,
-hard negatives mined with the real base model and embedpipe.retrieval.search (the prep stage's method)."""
+hard negatives mined with the real base model and embedpipe.core.retrieval.search (the prep stage's method)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from embedpipe.io import load_corpus, passage_text, write_jsonl
-from embedpipe.models import encode
-from embedpipe.retrieval import search
+from embedpipe.core.io import load_corpus, passage_text, write_jsonl
+from embedpipe.core.models import encode
+from embedpipe.core.retrieval import search
 
 # (question, positive passage ids); the two-positive ones are multi-hop and get unrolled.
 QUESTIONS = [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from embedpipe.io import load_corpus, write_beir
+from embedpipe.core.io import load_corpus, write_beir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUERY_PROMPT, PASSAGE_PROMPT = "query: ", "passage: "

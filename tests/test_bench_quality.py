@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, stage_env
 
-from embedpipe.io import load_corpus, write_beir
-from embedpipe.significance import paired_bootstrap_ci, sign_flip_test
+from embedpipe.core.io import load_corpus, write_beir
+from embedpipe.evaluation.significance import paired_bootstrap_ci, sign_flip_test
 
 # Hand-written questions over tests/data/tiny_corpus.jsonl (the tiny docs chunked at 48 tokens): the human
 # benchmark of this test. Never used for training: the bench trains on tiny_docs only.

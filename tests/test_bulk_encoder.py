@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from embedpipe import bulk_encoder, embed_store
-from embedpipe.bulk_encoder import use_bulk_encoder
-from embedpipe.embed_store import encode_cached, model_fingerprint, read_encode_log
-from embedpipe.io import load_corpus, passage_text
-from embedpipe.models import encode, load_model
+from embedpipe.core import bulk_encoder, embed_store
+from embedpipe.core.bulk_encoder import use_bulk_encoder
+from embedpipe.core.embed_store import encode_cached, model_fingerprint, read_encode_log
+from embedpipe.core.io import load_corpus, passage_text
+from embedpipe.core.models import encode, load_model
 
 QUERIES = ["How often should the K1 be descaled?", "What does a steady amber light mean?", "grinder burr part"]
 
@@ -56,7 +56,7 @@ def test_onnx_bulk_encoder_matches_torch_and_is_stored_apart(tmp_path, tiny_corp
     # the store has every text it needs no encoder at all, else it checks parity on its own texts first.
     graphs = list((tmp_path / "onnx").glob("*/model.onnx"))
     assert len(graphs) == 1 and (graphs[0].parent / "parity.json").is_file()
-    monkeypatch.setattr("embedpipe.onnx_export.export_onnx", lambda *a, **k: pytest.fail("exported twice"))
+    monkeypatch.setattr("embedpipe.core.encoders.export_onnx", lambda *a, **k: pytest.fail("exported twice"))
     embed_store._OPEN.clear()
     again = use_bulk_encoder(fresh_model(), "auto")
     np.testing.assert_array_equal(encode_cached(again, passages, "", root=tmp_path), p_onnx)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import stage_env
 
-from embedpipe.chunking import chunk_document, passage_id, token_counter
-from embedpipe.documents import Document, DocumentsError, discover, fence_code, is_code_block, read_document
-from embedpipe.models import ModelNotAvailable, load_model, resolve_model
+from embedpipe.core.models import ModelNotAvailable, load_model, resolve_model
+from embedpipe.documents.chunking import chunk_document, passage_id, token_counter
+from embedpipe.documents.reading import Document, DocumentsError, discover, fence_code, is_code_block, read_document
 
 
 def run_chunk(repo_root: Path, docs: Path, out: Path, extra_params: str = "") -> subprocess.CompletedProcess:
@@ -106,7 +106,7 @@ def test_markdown_heading_path_becomes_title(tiny_docs_dir: Path):
 
 def test_long_sentences_are_cut_and_overlap_is_carried(counter):
     doc = Document("x.md", [])
-    from embedpipe.documents import Section
+    from embedpipe.documents.reading import Section
 
     sentences = [f"Sentence number {i} talks about pump model HX-{i} and its seal." for i in range(40)]
     doc.sections = [Section(["X", "Long"], [" ".join(sentences)]), Section(["X", "Run-on"], ["word " * 300])]
@@ -188,7 +188,7 @@ def test_pdf_text_is_read_and_a_broken_pdf_is_skipped(tmp_path: Path, counter):
     assert not isinstance(skipped, Document) and "PDF" in skipped.reason
 
 
-# --- clean text: markup rendered away, code fenced (see embedpipe.documents.fence_code) -----------------
+# --- clean text: markup rendered away, code fenced (see embedpipe.documents.reading.fence_code) -----------------
 
 MARKUP = Path(__file__).parent / "data" / "markup"
 
@@ -246,7 +246,7 @@ def test_rst_is_rendered_to_clean_text_with_sphinx_roles_and_directives(tmp_path
 
 
 def test_broken_rst_keeps_its_text_without_error_messages():
-    from embedpipe.documents import _parse_rst
+    from embedpipe.documents.reading import _parse_rst
 
     text = (
         "Title\n=====\n\nBad table:\n\n+---+---+\n| a | b\n+---+\n\n.. unknown-thing::\n\n   body words\n\n"
@@ -305,7 +305,7 @@ def _fences_balanced(text: str) -> bool:
 
 
 def test_chunks_never_cut_a_code_block_that_fits(counter):
-    from embedpipe.documents import Section
+    from embedpipe.documents.reading import Section
 
     code = fence_code("\n".join(f"value_{i} = compute({i}, retries=3)" for i in range(3)))
     prose = [f"Sentence {i} explains how the HX-{i} pump reads its configuration file." for i in range(8)]
@@ -321,7 +321,7 @@ def test_chunks_never_cut_a_code_block_that_fits(counter):
 
 
 def test_a_code_block_longer_than_a_passage_is_cut_into_fenced_pieces(counter):
-    from embedpipe.documents import Section
+    from embedpipe.documents.reading import Section
 
     lines = [f"    step_{i} = pipeline.run(stage={i}, workers=4)" for i in range(40)]
     doc = Document("x.md", [Section(["X", "Long code"], ["Intro sentence.", fence_code("def main():\n" + "\n".join(lines))])])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from embedpipe.deploy import sample_test_set, vector_agreement
-from embedpipe.embed_store import STORE_ENV, read_encode_log
-from embedpipe.io import load_corpus
+from embedpipe.core.embed_store import STORE_ENV, read_encode_log
+from embedpipe.core.io import load_corpus
+from embedpipe.serving.deploy import sample_test_set, vector_agreement
 from tests.serve_helpers import API_KEY, API_KEY_ENV, make_session_export
 
 

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from embedpipe import embed_store
-from embedpipe.embed_store import EmbeddingStore, encode_cached, encode_texts, read_encode_log, text_keys
-from embedpipe.progress import LineProgress
+from embedpipe.core import embed_store
+from embedpipe.core.console import LineProgress
+from embedpipe.core.embed_store import EmbeddingStore, encode_cached, encode_texts, read_encode_log, text_keys
 
 
 class CountingEncoder:

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from eval_helpers import TINY_QUERIES, make_tiny_beir, run_stage, write_params
 
-from embedpipe.embed_store import STORE_ENV, read_encode_log
-from embedpipe.evaluation import (
+from embedpipe.core.embed_store import STORE_ENV, read_encode_log
+from embedpipe.core.io import load_beir
+from embedpipe.evaluation.report import (
     compare_with_reference,
     comparison_line,
     evaluate_embedder,
     model_embedder,
     most_changed,
 )
-from embedpipe.io import load_beir
 
 # --- metrics on a hand-made example -----------------------------------------------------------------
 

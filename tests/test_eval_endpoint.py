@@ -7,9 +7,9 @@ import json
 import pytest
 from eval_helpers import EmbeddingsServer, make_tiny_beir, run_stage, write_params
 
-from embedpipe.evaluation import evaluate_embedder, model_embedder
-from embedpipe.io import load_beir, write_json
-from embedpipe.processes import free_port
+from embedpipe.core.io import load_beir, write_json
+from embedpipe.core.processes import free_port
+from embedpipe.evaluation.report import evaluate_embedder, model_embedder
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from embedpipe.io import load_corpus, passage_text
-from embedpipe.models import encode
-from embedpipe.onnx_encoder import BATCH_DEPENDENT, CPU_VARIANTS, VARIANTS, OnnxEncoder, open_encoder
-from embedpipe.onnx_export import int8_matmul_error
+from embedpipe.core.encoders import BATCH_DEPENDENT, CPU_VARIANTS, VARIANTS, OnnxEncoder, open_encoder
+from embedpipe.core.io import load_corpus, passage_text
+from embedpipe.core.models import encode
+from embedpipe.serving.export import int8_matmul_error
 from tests.serve_helpers import PASSAGE_PROMPT, QUERY_PROMPT, make_session_export
 
 
@@ -108,8 +108,8 @@ def test_parity_texts_keep_every_relevant_passage_within_the_cap(tmp_path, tiny_
     import importlib.util
     from pathlib import Path
 
-    from embedpipe.io import load_beir
-    from embedpipe.retrieval import bounded_corpus
+    from embedpipe.core.io import load_beir
+    from embedpipe.core.retrieval import bounded_corpus
     from tests.eval_helpers import make_tiny_beir
 
     spec = importlib.util.spec_from_file_location("export_stage", Path(__file__).parents[1] / "stages" / "export.py")

@@ -14,11 +14,11 @@ import torch
 from eval_helpers import make_tiny_beir
 from finetune_helpers import write_prep
 
-from embedpipe.evaluation import evaluate_embedder
-from embedpipe.io import load_beir, load_corpus, passage_text, read_jsonl
-from embedpipe.models import encode, load_model
-from embedpipe.training import make_evaluator, plan_training, train
-from embedpipe.training_data import build_training_table, validation_queries
+from embedpipe.core.io import load_beir, load_corpus, passage_text, read_jsonl
+from embedpipe.core.models import encode, load_model
+from embedpipe.evaluation.report import evaluate_embedder
+from embedpipe.training.data import build_training_table, validation_queries
+from embedpipe.training.trainer import make_evaluator, plan_training, train
 
 pytestmark = pytest.mark.slow
 PROMPTS = {"query": "query: ", "passage": "passage: "}

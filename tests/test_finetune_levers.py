@@ -10,10 +10,11 @@ import pytest
 import torch
 from finetune_helpers import VAL_QUESTIONS, write_prep
 
-from embedpipe.embed_store import read_encode_log
-from embedpipe.io import load_corpus, read_jsonl
-from embedpipe.losses import ContrastivePlusDistillation, HardNegativeSoftmaxLoss, check_params, make_loss
-from embedpipe.training import (
+from embedpipe.core.embed_store import read_encode_log
+from embedpipe.core.io import load_corpus, read_jsonl
+from embedpipe.training.data import build_training_table, oversample_llm_questions, teacher_scored, validation_set
+from embedpipe.training.losses import ContrastivePlusDistillation, HardNegativeSoftmaxLoss, check_params, make_loss
+from embedpipe.training.trainer import (
     METRIC,
     TimeBudget,
     budget_schedule,
@@ -23,7 +24,6 @@ from embedpipe.training import (
     set_attention_dropout,
     use_bf16,
 )
-from embedpipe.training_data import build_training_table, oversample_llm_questions, teacher_scored, validation_set
 
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 
@@ -50,7 +50,7 @@ def test_validation_set_keeps_positives_and_negatives_and_fills_with_a_fixed_sam
 
 
 def test_base_validation_vectors_come_from_the_store_once(prep, tmp_path, minilm, monkeypatch):
-    from embedpipe.training import base_validation
+    from embedpipe.training.trainer import base_validation
 
     monkeypatch.setenv("EMBEDPIPE_EMBED_CACHE", str(tmp_path / "store"))
     val = validation_set(read_jsonl(prep / "val.jsonl"), load_corpus(prep / "train_corpus.jsonl"), 0, seed=1)

@@ -13,11 +13,11 @@ import torch
 from conftest import REPO_ROOT, stage_env
 from finetune_helpers import tiny_params, write_prep
 
-from embedpipe.io import load_corpus, passage_text, read_jsonl
-from embedpipe.losses import HardNegativeSoftmaxLoss
-from embedpipe.models import encode, load_model
-from embedpipe.training import make_evaluator, plan_training, train
-from embedpipe.training_data import build_training_table, validation_queries
+from embedpipe.core.io import load_corpus, passage_text, read_jsonl
+from embedpipe.core.models import encode, load_model
+from embedpipe.training.data import build_training_table, validation_queries
+from embedpipe.training.losses import HardNegativeSoftmaxLoss
+from embedpipe.training.trainer import make_evaluator, plan_training, train
 
 pytestmark = pytest.mark.slow
 PROMPTS = {"query": "query: ", "passage": "passage: "}
@@ -146,7 +146,7 @@ def test_saved_model_seq_length_is_the_pipelines_not_the_training_one(prep_dir, 
     import yaml
     from sentence_transformers import SentenceTransformer
 
-    from embedpipe.onnx_encoder import EncoderSpec, build_encoder
+    from embedpipe.core.encoders import EncoderSpec, build_encoder
 
     params = tiny_params(tmp_path / "params.yaml", max_steps=1, max_seq_length=64, wise_alphas=[1.0])
     raw = yaml.safe_load(params.read_text())

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from embedpipe.losses import HardNegativeSoftmaxLoss
-from embedpipe.training import effective_params, plan_training
-from embedpipe.training_data import build_training_table, pick_negatives, validation_queries
+from embedpipe.training.data import build_training_table, pick_negatives, validation_queries
+from embedpipe.training.losses import HardNegativeSoftmaxLoss
+from embedpipe.training.trainer import effective_params, plan_training
 
 CFG = {
     "small_data_threshold": 2000,

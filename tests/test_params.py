@@ -10,8 +10,8 @@ import yaml
 from conftest import REPO_ROOT
 from pydantic import BaseModel
 
-from embedpipe import params as schema
-from embedpipe.params import Params, ParamsError, load_params, markdown, validate
+from embedpipe.core import params as schema
+from embedpipe.core.params import Params, ParamsError, load_params, markdown, validate
 
 
 def leaf_keys(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
@@ -70,4 +70,4 @@ def test_every_schema_key_is_read_by_some_code_and_documented():
     )
     unread = [dotted for dotted, key in leaf_keys(Params) if not re.search(rf"[\"']{key}[\"']", code)]
     assert not unread, f"schema keys no code reads: {unread}"
-    assert (REPO_ROOT / "docs" / "params.md").read_text() == markdown(), "regenerate: python -m embedpipe.params --markdown > docs/params.md"
+    assert (REPO_ROOT / "docs" / "params.md").read_text() == markdown(), "regenerate: python -m embedpipe.core.params --markdown > docs/params.md"

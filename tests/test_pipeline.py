@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from embedpipe.embed_store import STORE_ENV, read_encode_log
+from embedpipe.core.embed_store import STORE_ENV, read_encode_log
 
 # Small everywhere: a handful of documents, LLM-free questions, two training steps.
 TINY_OVERRIDES: dict[str, Any] = {

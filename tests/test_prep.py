@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import stage_env
 
-from embedpipe.embed_store import STORE_ENV, read_encode_log
-from embedpipe.io import load_beir, load_corpus, read_json, read_jsonl
-from embedpipe.mining import clean_questions, margin_ceiling, mine, split_questions
+from embedpipe.core.embed_store import STORE_ENV, read_encode_log
+from embedpipe.core.io import load_beir, load_corpus, read_json, read_jsonl
+from embedpipe.prep.mining import clean_questions, margin_ceiling, mine, split_questions
 
 QA = Path(__file__).parent / "data" / "tiny_qa.jsonl"
 

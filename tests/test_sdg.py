@@ -14,10 +14,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedpipe import sdg
-from embedpipe.io import read_json, read_jsonl
-from embedpipe.llm import LLMClient, LLMConfig, LLMFatalError, ParseError, RequestCache, parse_json_object, request_key
-from embedpipe.processes import ChildServer, free_port
+from embedpipe.core.io import read_json, read_jsonl
+from embedpipe.core.processes import ChildServer, free_port
+from embedpipe.sdg import rules as sdg
+from embedpipe.sdg.llm import (
+    LLMClient,
+    LLMConfig,
+    LLMFatalError,
+    ParseError,
+    RequestCache,
+    parse_json_object,
+    request_key,
+)
 from tests.conftest import stage_env
 from tests.sdg_helpers import FAULTS, FakeLLM, write_params
 
@@ -231,7 +239,7 @@ def test_dedup_is_greedy_in_order():
 
 
 def test_inverse_cloze_and_neighbours(tiny_corpus_path):
-    from embedpipe.io import load_corpus
+    from embedpipe.core.io import load_corpus
 
     corpus = load_corpus(tiny_corpus_path)
     rec = next(iter(corpus.values()))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from embedpipe.io import read_json, read_jsonl, write_jsonl
+from embedpipe.core.io import read_json, read_jsonl, write_jsonl
 from tests.conftest import stage_env
 from tests.sdg_helpers import write_params
 
@@ -54,7 +54,7 @@ def test_embedded_server_end_to_end(tmp_path, tiny_corpus_path):
 def test_server_dies_with_a_kill_9_parent(tmp_path):
     script = (
         "import sys, time\n"
-        "from embedpipe.llm_server import EmbeddedServer, model_file\n"
+        "from embedpipe.sdg.llm_server import EmbeddedServer, model_file\n"
         f"s = EmbeddedServer(model_file('gemma-3-270m', {str(MODELS)!r}), log_path={str(tmp_path / 'log')!r})\n"
         "s.start(); print(s.proc.pid, flush=True); time.sleep(600)\n"
     )
@@ -77,10 +77,10 @@ def test_server_dies_with_a_kill_9_parent(tmp_path):
                     reason="optional Qwen model not installed (make setup-qwen)")
 def test_embedded_qwen_answers_the_json_schema_chat_path(tmp_path):
     """Qwen2.5-Coder-1.5B-Instruct through llama-cpp-python's server: chat template + JSON schema -> a parsed pair."""
-    from embedpipe import sdg
-    from embedpipe.llm import LLMClient, LLMConfig, RequestCache
-    from embedpipe.llm_server import EmbeddedServer, model_file
-    from embedpipe.sdg_jobs import generate
+    from embedpipe.sdg import rules as sdg
+    from embedpipe.sdg.jobs import generate
+    from embedpipe.sdg.llm import LLMClient, LLMConfig, RequestCache
+    from embedpipe.sdg.llm_server import EmbeddedServer, model_file
 
     passage = ("Kettle > Descaling\nDescale the K1 kettle every 8 weeks in hard-water areas with a 1:3 mix of white "
                "vinegar and water, then boil clean water twice.")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from embedpipe import sdg
-from embedpipe.io import read_jsonl
-from embedpipe.llm_server import ServerError, SplitGGUF, assemble_split
-from embedpipe.mining import Mined, unroll
-from embedpipe.sdg_jobs import generate, inverse_cloze_records, plan_jobs, spread_order, to_record
-from embedpipe.text import is_code_line, query_sentences, remove_span, sentences
-from embedpipe.training_data import build_training_table
+from embedpipe.core.io import read_jsonl
+from embedpipe.prep.mining import Mined, unroll
+from embedpipe.sdg import rules as sdg
+from embedpipe.sdg.jobs import generate, inverse_cloze_records, plan_jobs, spread_order, to_record
+from embedpipe.sdg.llm_server import ServerError, SplitGGUF, assemble_split
+from embedpipe.sdg.sentences import is_code_line, query_sentences, remove_span, sentences
+from embedpipe.training.data import build_training_table
 from tests.sdg_helpers import FakeLLM
 from tests.test_sdg import fake_params, run_stage
 
@@ -243,7 +243,7 @@ def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
 
 def test_chat_json_schema_is_sent_in_llama_cpp_dialect_to_llama_cpp_servers(tmp_path):
     """llama-cpp-python's server answers 422 to OpenAI's `json_schema`; it takes `json_object` + `schema`."""
-    from embedpipe.llm import LLMClient, LLMConfig, RequestCache
+    from embedpipe.sdg.llm import LLMClient, LLMConfig, RequestCache
 
     fmt = sdg.chat_response_format("qa_pair", sdg.QA_SCHEMA)
     cache = RequestCache(tmp_path / "c.sqlite")
@@ -256,7 +256,7 @@ def test_chat_json_schema_is_sent_in_llama_cpp_dialect_to_llama_cpp_servers(tmp_
 
 def test_compact_schema_asks_a_small_local_model_for_question_and_answer_only(tmp_path):
     """sdg.llm.schema compact (auto for the embedded server): 2-3x fewer tokens for a model writing ~7 tokens/s."""
-    from embedpipe.llm import LLMClient, LLMConfig, RequestCache
+    from embedpipe.sdg.llm import LLMClient, LLMConfig, RequestCache
 
     corpus = {"p1": {"_id": "p1", "title": "Kettle > Descaling", "text": "Descale the K1 kettle every 8 weeks."}}
     job = {"segment_ids": ["p1"], "query_type": "contextual", "reasoning_type": "causal", "question_complexity": 3,

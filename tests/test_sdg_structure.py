@@ -1,4 +1,4 @@
-"""Heading and anchor pairs (embedpipe/sdg_structure.py): what the parser and chunker keep, which anchors resolve
+"""Heading and anchor pairs (embedpipe/sdg/structure.py): what the parser and chunker keep, which anchors resolve
 and which are filtered, headings never left in their positive, and the counts in the sdg stage's metrics."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from embedpipe.chunking import chunk_document, merge_duplicate
-from embedpipe.documents import read_document
-from embedpipe.io import passage_text, positive_passage_text, read_json, read_jsonl, write_jsonl
-from embedpipe.sdg_structure import (
+from embedpipe.core.io import passage_text, positive_passage_text, read_json, read_jsonl, write_jsonl
+from embedpipe.documents.chunking import chunk_document, merge_duplicate
+from embedpipe.documents.reading import read_document
+from embedpipe.sdg.structure import (
     anchor_reason,
     anchor_records,
     definition_records,
@@ -260,7 +260,7 @@ def test_bench_helper_flags_queries_unlike_any_heading(tmp_path):
 
 
 def test_prep_carries_the_positive_without_its_heading_to_training():
-    from embedpipe.mining import Mined, unroll
+    from embedpipe.prep.mining import Mined, unroll
 
     q = {"id": "qa_1", "question": "Configuring automatic retries", "segment_ids": ["d_a", "d_b"], "hop_count": 1,
          "query_type": "headings", "positive_texts": {"d_a": "body"}, "positive_titles": {"d_a": "Guide", "d_b": ""}}
@@ -300,7 +300,7 @@ def test_definition_pairs_come_from_glossaries_without_their_term(tmp_path):
 
 
 def test_prep_copies_of_the_corpus_leave_the_structure_out():
-    from embedpipe.io import without_structure
+    from embedpipe.core.io import without_structure
 
     rec = {"_id": "d_1", "title": "T", "text": "x", "structure": {"sections": []}}
     assert without_structure(rec) == {"_id": "d_1", "title": "T", "text": "x"} and "structure" in rec

@@ -18,8 +18,8 @@ import numpy as np
 import openai
 import pytest
 
-from embedpipe.models import encode
-from embedpipe.server import ServerProcess
+from embedpipe.core.models import encode
+from embedpipe.serving.server import ServerProcess
 from tests.serve_helpers import API_KEY, API_KEY_ENV, PASSAGE_PROMPT, QUERY_PROMPT, make_session_export
 
 TEXTS = ["How do I reset the grinder?", "Descale the boiler every three months.", "Warranty: two years."]
@@ -190,8 +190,8 @@ def test_sigterm_stops_cleanly(server):
 
 
 def test_process_encoder_equals_its_local_encoder_and_reports_child_errors(exported):
-    from embedpipe.model_process import ModelProcessError, ProcessEncoder
-    from embedpipe.onnx_encoder import EncoderSpec, ExportNotFound
+    from embedpipe.core.encoders import EncoderSpec, ExportNotFound
+    from embedpipe.serving.model_process import ModelProcessError, ProcessEncoder
 
     spec = EncoderSpec(backend="onnx", folder=str(exported / "onnx"), variant="fp32", threads=1)
     with ProcessEncoder(spec) as encoder:
@@ -312,7 +312,7 @@ def test_two_compiled_model_workers_answer_concurrent_requests_like_one_model(ex
 
 
 def test_serving_plan_auto_gives_torch_on_the_cpu_two_compiled_workers(exported, monkeypatch):
-    from embedpipe.onnx_encoder import EncoderSpec, serving_plan
+    from embedpipe.core.encoders import EncoderSpec, serving_plan
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     torch_cpu = EncoderSpec(backend="torch", folder=str(exported / "onnx"), device="cpu", torch_model="m")
@@ -333,7 +333,7 @@ def test_serving_plan_auto_gives_torch_on_the_cpu_two_compiled_workers(exported,
 def test_a_failing_torch_compile_falls_back_to_the_eager_model(minilm, monkeypatch, caplog):
     import torch
 
-    from embedpipe.onnx_encoder import TorchEncoder
+    from embedpipe.core.encoders import TorchEncoder
 
     def broken(fn, **kwargs):
         def run(*args, **kw):
@@ -347,7 +347,7 @@ def test_a_failing_torch_compile_falls_back_to_the_eager_model(minilm, monkeypat
 
 
 def test_max_batch_tokens_auto_follows_the_runtime():
-    from embedpipe.server import batch_tokens_for
+    from embedpipe.serving.server import batch_tokens_for
 
     assert batch_tokens_for("auto", "torch_bf16", "cpu") == 4096  # measured: +30 % served inputs/s on AMX
     assert batch_tokens_for("auto", "fp32", "cpu") == 512 and batch_tokens_for("auto", "int8_block", "cpu") == 512

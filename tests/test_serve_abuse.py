@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from embedpipe.server import ServerProcess
+from embedpipe.serving.server import ServerProcess
 from tests.serve_helpers import API_KEY, API_KEY_ENV, make_session_export
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -400,9 +400,9 @@ def test_unhandled_error_is_a_counted_generic_500_and_docs_need_the_key(exported
     """In-process app (a real uvicorn on loopback) whose tokenizer raises on one input; docs on, key set."""
     import uvicorn
 
-    from embedpipe.onnx_encoder import OnnxEncoder
-    from embedpipe.processes import free_port
-    from embedpipe.server import ServerSettings, create_app
+    from embedpipe.core.encoders import OnnxEncoder
+    from embedpipe.core.processes import free_port
+    from embedpipe.serving.server import ServerSettings, create_app
 
     class Broken(OnnxEncoder):
         def tokenize(self, texts, max_length=-1):

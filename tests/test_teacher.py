@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from embedpipe.models import EMBEDDED_MODELS, ModelNotAvailable, encode, load_model
-from embedpipe.teacher import MARKER, MODELS_DIR_ENV, SPLIT_MODELS, TeacherError, assemble, part_file
+from embedpipe.core.embedded import MARKER, MODELS_DIR_ENV, SPLIT_MODELS, TeacherError, assemble, part_file
+from embedpipe.core.models import EMBEDDED_MODELS, ModelNotAvailable, encode, load_model
 
 pytestmark = pytest.mark.slow
 SPEC = SPLIT_MODELS["all-mpnet-base-v2"]
@@ -47,7 +47,7 @@ def test_loads_offline_by_name_and_ranks_the_relevant_passage_first(assembled, m
     root, _ = assembled
     monkeypatch.setenv(MODELS_DIR_ENV, str(root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert EMBEDDED_MODELS["all-mpnet-base-v2"] == "embedpipe.teacher:mpnet_path"
+    assert EMBEDDED_MODELS["all-mpnet-base-v2"] == "embedpipe.core.embedded:mpnet_path"
     model = load_model("all-mpnet-base-v2", device="cpu", max_seq_length=64)
     assert model.get_embedding_dimension() == 768 and model.max_seq_length == 64
     q = encode(model, ["how often should I descale the kettle?"])
@@ -95,7 +95,7 @@ def test_a_foreign_folder_in_the_way_is_never_overwritten(tmp_path, monkeypatch)
 
 
 def test_false_negatives_dropped_survivors_labelled_and_cut_to_k():
-    from embedpipe.distillation import _select, filter_and_label, mining_depth
+    from embedpipe.prep.distillation import _select, filter_and_label, mining_depth
 
     records = [
         {"question": "q", "pos_doc": [{"id": "p", "score": 0.8}],
@@ -119,7 +119,7 @@ def test_false_negatives_dropped_survivors_labelled_and_cut_to_k():
 
 
 def test_the_teacher_scores_what_the_student_sees_llm_questions_first():
-    from embedpipe.distillation import record_texts, scoring_order, use_bf16
+    from embedpipe.prep.distillation import record_texts, scoring_order, use_bf16
 
     corpus = {"p": {"_id": "p", "title": "", "text": "Sessions expire. They use cookies."},
               "n": {"_id": "n", "title": "", "text": "Forms validate input."}}
@@ -145,8 +145,8 @@ def test_prep_with_the_teacher_then_a_distillation_step(assembled, tmp_path, tin
     from conftest import stage_env
     from finetune_helpers import tiny_params
 
-    from embedpipe.embed_store import read_encode_log
-    from embedpipe.io import read_json, read_jsonl
+    from embedpipe.core.embed_store import read_encode_log
+    from embedpipe.core.io import read_json, read_jsonl
 
     root, _ = assembled
     env = {**stage_env(), MODELS_DIR_ENV: str(root), "EMBEDPIPE_EMBED_CACHE": str(tmp_path / "store")}

@@ -12,8 +12,8 @@ import yaml
 from conftest import REPO_ROOT, stage_env
 from eval_helpers import make_tiny_beir, run_stage, write_params
 
-from embedpipe.io import FormatError, load_corpus, read_jsonl
-from embedpipe.user_questions import MAX_ANSWER_FILES, load_user_questions, shipping_verdict
+from embedpipe.core.io import FormatError, load_corpus, read_jsonl
+from embedpipe.evaluation.user_questions import MAX_ANSWER_FILES, load_user_questions, shipping_verdict
 
 K1 = ["d_5af4eb565814e637", "d_87591303b638f935", "d_05123711729adfb6", "d_bc16c5edb1ab974f",
       "d_b7d0d18e1cacb1ac", "d_68dbc4ab2fcaa352"]  # every passage of kettle-k1.md, in corpus order

@@ -1,0 +1,1 @@
+"""Step 1, chunk: documents (md, rst, html, txt, pdf) -> sections -> passages."""

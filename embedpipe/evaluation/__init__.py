@@ -1,0 +1,1 @@
+"""Step 5, eval: metrics, significance, the comparison report."""

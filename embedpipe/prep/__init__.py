@@ -1,0 +1,1 @@
+"""Step 3, prep: hard-negative mining and the optional teacher."""

@@ -1,0 +1,1 @@
+"""Step 2, sdg: synthetic question-passage pairs (LLM, inverse cloze), their gates."""

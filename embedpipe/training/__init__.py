@@ -1,0 +1,1 @@
+"""Step 4, finetune: training data, losses, the trainer, WiSE-FT."""
