@@ -89,7 +89,7 @@ BAD_REQUESTS = [
     ("wrong key", {"input": "x"}, {"key": "nope"}, 401, "invalid_api_key"),
     ("unknown model", {"input": "x", "model": "gpt-4"}, {}, 404, "model_not_found"),
     ("payload too large", {"input": ["y" * 1000] * 60}, {}, 413, "payload_too_large"),
-    ("token ids", {"input": [1, 2, 3]}, {}, 422, "invalid_value"),
+    ("token id outside the vocabulary", {"input": [101, 10**6, 102]}, {}, 400, "invalid_value"),
     ("bad input_type", {"input": "x", "input_type": "document"}, {}, 422, "invalid_value"),
     ("bad encoding", {"input": "x", "encoding_format": "int8"}, {}, 422, "invalid_value"),
     ("missing input", {"model": "test-embed"}, {}, 422, "invalid_value"),
