@@ -633,12 +633,7 @@ def test_hung_model_process_gets_503_is_killed_restarted_and_ready_says_so(serve
     assert error["type"] == "server_error" and "restart" in error["message"]
     assert not Path(f"/proc/{pid}").exists()  # killed (and reaped)
     assert_openai_error(ready_while_restarting, 503, "model_unavailable")
-    try:
-        wait_for(lambda: httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code == 200,
-                 "readiness never came back", timeout_s=90)
-    except Exception:
-        Path("/tmp/wtserver-hung.log").write_text(server.log_tail(10**6) + f"\npoll={server.proc.poll()}")
-        raise
+    wait_for(lambda: ready_status(server) == 200, "readiness never came back", timeout_s=90)
     [new_pid] = model_children(server)
     good = embed(server, {"input": ["after the restart", "works again"]})
     assert good.status_code == 200 and new_pid != pid
@@ -646,6 +641,16 @@ def test_hung_model_process_gets_503_is_killed_restarted_and_ready_says_so(serve
     expected = encode(minilm, ["after the restart", "works again"], PASSAGE_PROMPT)
     assert (np.sum(got * expected, axis=1) > 0.999).all()
     assert "did not answer a model run" in server.log_tail(10**6)
+
+
+def ready_status(server) -> int | None:
+    """/v1/health/ready's status, None when the probe failed at the transport level. In 2 of ~9 runs of this
+    file one probe during the model process's restart got "server disconnected without sending a response"
+    (cause not found; not reproduced alone); a load balancer takes a failed probe as not ready too."""
+    try:
+        return httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code
+    except httpx.TransportError:
+        return None
 
 
 def cosine(a: list[float], b: np.ndarray) -> float:
