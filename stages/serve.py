@@ -47,10 +47,14 @@ from embedpipe.core.params import load_params, section
 @click.option("--torch-compile/--no-torch-compile", default=None,
               help="Torch paths (torch backend, torch_bf16): run the transformer under torch.compile "
                    "(overrides serve.torch_compile).")
+@click.option("--http", "http_parser", type=click.Choice(["auto", "httptools", "h11"]), default=None,
+              help="uvicorn's HTTP parser (overrides serve.http; auto: httptools when installed).")
+@click.option("--model-timeout-s", type=float, default=None,
+              help="Model call deadline in seconds; 0 = none (overrides serve.model_timeout_s).")
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
 def main(params_path, model_dir, backend, variant, device, torch_model, torch_dtype, model_name, host, port, threads,
-         max_batch_size, max_batch_tokens, max_wait_ms, model_process, model_workers, torch_compile,
-         log_level) -> None:
+         max_batch_size, max_batch_tokens, max_wait_ms, model_process, model_workers, torch_compile, http_parser,
+         model_timeout_s, log_level) -> None:
     """Serve POST /v1/embeddings (OpenAI + NIM fields), /v1/models, /v1/health/{live,ready} and /metrics.
 
     Requests without input_type get serve.default_input_type's prompt; truncate defaults to
@@ -67,10 +71,20 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     )
     from embedpipe.core.models import ModelNotAvailable
     from embedpipe.serving.model_process import ModelProcessError, ProcessEncoder
-    from embedpipe.serving.server import ServerSettings, batch_tokens_for, create_app, run_server, serving_description
+    from embedpipe.serving.server import (
+        MAX_INPUTS_PER_REQUEST,
+        ServerSettings,
+        batch_tokens_for,
+        create_app,
+        run_server,
+        serving_description,
+    )
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")
+    if not 1 <= cfg["max_inputs_per_request"] <= MAX_INPUTS_PER_REQUEST:  # before minutes of model loading
+        raise click.ClickException(f"serve.max_inputs_per_request must be 1..{MAX_INPUTS_PER_REQUEST} (OpenAI's "
+                                   f"ceiling), got {cfg['max_inputs_per_request']}")
     backend = backend or cfg["backend"]
     separate = cfg.get("model_process", True) if model_process is None else model_process
     spec = EncoderSpec(
@@ -96,7 +110,9 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
             raise click.ClickException(f"serve.api_key_env is '{cfg['api_key_env']}' but that variable is not set "
                                        "(set it, or set serve.api_key_env to '' for no key)")
     try:
-        encoder = ProcessEncoder(spec, workers=workers) if separate else build_encoder(spec)
+        call_timeout_s = cfg.get("model_timeout_s", 60) if model_timeout_s is None else model_timeout_s
+        encoder = (ProcessEncoder(spec, workers=workers, call_timeout_s=call_timeout_s) if separate
+                   else build_encoder(spec))
     except (ExportNotFound, ModelNotAvailable, ModelProcessError, RuntimeError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -106,6 +122,8 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
         except ValueError as e:
             raise click.ClickException(str(e)) from None
         local = encoder.local if separate else encoder
+        if separate:
+            encoder.call_tokens = batch_tokens  # model_timeout_s is the deadline of a call this big
         serving = {
             "variant": encoder.variant,
             "runtime": "torch" if isinstance(local, TorchEncoder) else "onnxruntime",
@@ -116,24 +134,14 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
             "compile_requested": bool(spec.compile),
             "compiled": bool(getattr(encoder, "compiled", False)),
         }
-        settings = ServerSettings(
+        settings = _settings(
+            cfg, ServerSettings,
             model_name=model_name or cfg.get("model_name") or encoder.name,
             max_batch_size=max_batch_size or cfg["max_batch_size"],
             max_batch_tokens=batch_tokens,
             max_wait_ms=cfg["max_wait_ms"] if max_wait_ms is None else max_wait_ms,
-            max_inputs_per_request=cfg["max_inputs_per_request"],
-            max_tokens_per_input=cfg["max_tokens_per_input"],
-            max_chars_per_token=cfg["max_chars_per_token"],
-            max_payload_bytes=int(cfg["max_payload_mb"] * 2**20),
-            max_queued_inputs=cfg["max_queued_inputs"],
-            max_concurrent_requests=cfg["max_concurrent_requests"],
-            read_timeout_s=cfg["read_timeout_s"],
-            drain_timeout_s=cfg["drain_timeout_s"],
-            default_input_type=cfg["default_input_type"],
-            default_truncate=cfg["default_truncate"],
-            encode_batch_size=cfg["encode_batch_size"],
+            http=http_parser or cfg.get("http", "auto"),
             api_key=api_key,
-            docs_enabled=bool(cfg["docs_enabled"]),
             serving=serving,
         )
         host = host or cfg["host"]
@@ -147,6 +155,29 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
         if separate:
             encoder.close()
     sys.exit(code)
+
+
+def _settings(cfg: dict, settings_class: type, **given):
+    """ServerSettings from the `serve:` params plus `given` (CLI overrides, computed values)."""
+    try:
+        return settings_class(
+            max_inputs_per_request=cfg["max_inputs_per_request"],
+            max_tokens_per_input=cfg["max_tokens_per_input"],
+            max_chars_per_token=cfg["max_chars_per_token"],
+            max_payload_bytes=int(cfg["max_payload_mb"] * 2**20),
+            max_queued_inputs=cfg["max_queued_inputs"],
+            max_concurrent_requests=cfg["max_concurrent_requests"],
+            read_timeout_s=cfg["read_timeout_s"],
+            max_header_bytes=int(cfg.get("max_header_kb", 16) * 1024),
+            drain_timeout_s=cfg["drain_timeout_s"],
+            default_input_type=cfg["default_input_type"],
+            default_truncate=cfg["default_truncate"],
+            encode_batch_size=cfg["encode_batch_size"],
+            docs_enabled=bool(cfg["docs_enabled"]),
+            **given,
+        )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

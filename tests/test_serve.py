@@ -89,7 +89,7 @@ BAD_REQUESTS = [
     ("wrong key", {"input": "x"}, {"key": "nope"}, 401, "invalid_api_key"),
     ("unknown model", {"input": "x", "model": "gpt-4"}, {}, 404, "model_not_found"),
     ("payload too large", {"input": ["y" * 1000] * 60}, {}, 413, "payload_too_large"),
-    ("token ids", {"input": [1, 2, 3]}, {}, 422, "invalid_value"),
+    ("token id outside the vocabulary", {"input": [101, 10**6, 102]}, {}, 400, "invalid_value"),
     ("bad input_type", {"input": "x", "input_type": "document"}, {}, 422, "invalid_value"),
     ("bad encoding", {"input": "x", "encoding_format": "int8"}, {}, 422, "invalid_value"),
     ("missing input", {"model": "test-embed"}, {}, 422, "invalid_value"),
@@ -161,6 +161,15 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
+def gone(pid: int) -> bool:
+    """`pid` has exited: reaped, or a zombie whose threads have all exited (the main thread alone shows "zombie"
+    while onnxruntime's threads still exit: a run sent then still meets the dying process)."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text() and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
 def test_model_process_killed_between_requests_is_restarted(server, client, minilm):
     """serve.model_process (the default): the model runs in a child process. If it dies, the server lives on and
     the next model run starts a new one."""
@@ -169,7 +178,7 @@ def test_model_process_killed_between_requests_is_restarted(server, client, mini
     time.sleep(0.5)
     assert Path(f"/proc/{pid}").exists()
     os.kill(pid, signal.SIGKILL)
-    while Path(f"/proc/{pid}/status").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+    while not gone(pid):
         time.sleep(0.05)
     got = client.embeddings.create(model="test-embed", input=TEXTS)
     assert server.proc.poll() is None and "model process exited" in server.log_tail()

@@ -12,13 +12,17 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -38,7 +42,7 @@ def exported(tmp_path_factory, tiny_corpus_path):
 def abuse_params(exported, tmp_path_factory):
     params = yaml.safe_load((exported / "params.yaml").read_text())
     params["serve"].update(max_payload_mb=8, max_inputs_per_request=128, max_queued_inputs=200, read_timeout_s=2,
-                           drain_timeout_s=1, max_wait_ms=5)
+                           drain_timeout_s=1, max_wait_ms=5, model_timeout_s=12)
     path = tmp_path_factory.mktemp("abuse") / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -349,7 +353,13 @@ FUZZ: list[tuple[str, str, str, dict[str, str] | None, bytes, int, str | None]] 
     ("nested 100k deep", "POST", "/v1/embeddings", {}, b"[" * 100_000, 400, "invalid_json"),
     ("input null", "POST", "/v1/embeddings", {}, b'{"input": null}', 422, "invalid_value"),
     ("input number", "POST", "/v1/embeddings", {}, b'{"input": 5}', 422, "invalid_value"),
-    ("token ids", "POST", "/v1/embeddings", {}, b'{"input": [[1, 2, 3]]}', 422, "invalid_value"),
+    ("token ids", "POST", "/v1/embeddings", {}, b'{"input": [[101, 7592, 102]]}', 200, None),
+    ("token id outside the vocabulary", "POST", "/v1/embeddings", {}, b'{"input": [101, 99999999, 102]}', 400,
+     "invalid_value"),
+    ("negative token id", "POST", "/v1/embeddings", {}, b'{"input": [[-1]]}', 400, "invalid_value"),
+    ("empty token-id list", "POST", "/v1/embeddings", {}, b'{"input": [[]]}', 400, "invalid_value"),
+    ("token ids mixed with text", "POST", "/v1/embeddings", {}, b'{"input": ["a", [101]]}', 422, "invalid_value"),
+    ("token ids as booleans", "POST", "/v1/embeddings", {}, b'{"input": [true, false]}', 422, "invalid_value"),
     ("list with null", "POST", "/v1/embeddings", {}, b'{"input": ["a", null]}', 422, "invalid_value"),
     ("input object", "POST", "/v1/embeddings", {}, b'{"input": {"a": 1}}', 422, "invalid_value"),
     ("missing input", "POST", "/v1/embeddings", {}, b'{"model": "test-embed"}', 422, "invalid_value"),
@@ -387,7 +397,7 @@ def test_fuzz_never_5xx_always_openai_errors(server):
             else:
                 assert response.status_code == status, (name, response.text[:300])
                 assert len(response.json()["data"][0]["embedding"]) == 384
-    assert len(FUZZ) >= 40 and time.perf_counter() - start < 60
+    assert len(FUZZ) >= 60 and time.perf_counter() - start < 60
     assert httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code == 200
     text = httpx.get(f"{root(server)}/metrics", timeout=10).text
     assert 'status="5' not in text
@@ -442,6 +452,260 @@ def test_unhandled_error_is_a_counted_generic_500_and_docs_need_the_key(exported
         thread.join(30)
 
 
+# --- issue 35 §5: header size, arrival order, hung model, whitespace, token ids, framing ----------------------
+
+
+@pytest.fixture(scope="module")
+def h11_server(abuse_params, repo_root):
+    """The same server on uvicorn's pure-Python h11 parser (the module's `server` runs httptools)."""
+    from conftest import stage_env
+
+    with ServerProcess(["--params", str(abuse_params), "--http", "h11"], cwd=str(repo_root),
+                       env=stage_env() | {API_KEY_ENV: API_KEY}) as proc:
+        yield proc
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def any_server(request, server):
+    return server if request.param == "httptools" else request.getfixturevalue("h11_server")
+
+
+def send_head_and_read(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """Send `head` + `body` from a thread (the server may stop reading and close) and read the answer until the
+    server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        def push() -> None:
+            try:
+                s.sendall(head + body)
+            except OSError:  # the server refused and closed before everything was sent
+                pass
+
+        sender = threading.Thread(target=push)
+        sender.start()
+        try:
+            answer = read_until_closed(s)
+        except ConnectionResetError:
+            answer = b"<reset>"
+        sender.join()
+    return answer
+
+
+def json_error(answer: bytes) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:300]
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_header_size_limit_refuses_1mb_header_before_reading_and_keeps_serving(any_server):
+    port = any_server.port
+    big = b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2**20 + b"\r\n\r\n"
+    with liveness(any_server) as lat:
+        answer = send_head_and_read(port, big)
+        # a POST whose 100 KB header comes before a valid key and body: refused before the body is read
+        post = send_head_and_read(port, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"b" * 100_000
+                                  + b"\r\nAuthorization: Bearer " + API_KEY.encode()
+                                  + b"\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n",
+                                  b'{"input": "a"}')
+        many = send_head_and_read(port, b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\n"
+                                  + b"".join(b"X-H%d: %s\r\n" % (i, b"c" * 100) for i in range(300)) + b"\r\n")
+        under = send_head_and_read(port, b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                   b"X-Pad: " + b"d" * 15_000 + b"\r\n\r\n")
+        after = httpx.get(f"{any_server.base_url}/health/ready", timeout=10)
+    for refused in (answer, post, many):
+        assert refused.startswith(b"HTTP/1.1 431 "), refused[:200]
+        assert json_error(refused)["code"] == "headers_too_large"
+    assert under.startswith(b"HTTP/1.1 200 "), under[:200]  # 15 KB of headers are fine
+    assert after.status_code == 200 and max(lat, default=0.0) < 1.0
+    text = httpx.get(f"{root(any_server)}/metrics", timeout=10).text
+    assert 'embed_errors_total{code="headers_too_large"} 3.0' in text
+    assert 'embed_requests_total{path="other",status="431"} 3.0' in text
+
+
+FRAMING = [
+    # name, raw request (the key is added after the request line), expected status, expected code
+    ("bad request line", b"GARBAGE\r\n\r\n", 400, "invalid_http"),
+    ("content-length and transfer-encoding", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, None),
+    ("two content-lengths", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n"
+     b"Content-Length: 15\r\n\r\n{\"input\": \"a\"}", 400, None),
+    ("gzip, chunked", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+     b"0\r\n\r\n", 501, "unsupported_transfer_encoding"),
+    ("two authorization headers", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+     + API_KEY.encode() + b"\r\nAuthorization: Bearer other\r\nContent-Length: 14\r\n\r\n{\"input\": \"a\"}", 400,
+     "duplicate_header"),
+]
+
+
+@pytest.mark.parametrize("request_bytes,status,code", [f[1:] for f in FRAMING], ids=[f[0] for f in FRAMING])
+def test_malformed_http_gets_json_errors(any_server, request_bytes, status, code):
+    answer = send_head_and_read(any_server.port, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    error = json_error(answer)
+    if code is not None:
+        assert error["code"] == code, error
+    assert httpx.get(f"{any_server.base_url}/health/ready", timeout=10).status_code == 200
+
+
+def wait_for(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_large_requests_finish_in_order_of_arrival(server):
+    """Four equal requests of eight full-length inputs (2,048 tokens each: chunked, 512 tokens per run), queued in
+    a known order while the model process is stopped for a moment: they complete in that order, and FIFO, not
+    lock-step: when request i is answered, the later requests' rows are still queued (but for the next chunk or
+    two already handed to the model). Smallest-remaining-first with round-robin anti-starvation (the old rule)
+    completed them in the same order too, but interleaved: 10 and 2 rows left at requests 1 and 2, not 14 and 6."""
+    wait_for(lambda: metric(server, "embed_queue_inputs") == 0, "the queue never emptied")
+    body = json.dumps({"input": [LONG_INPUT] * 8}).encode()
+    done: list[int] = []
+    statuses: dict[int, int] = {}
+    queued_then: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        response = httpx.post(f"{server.base_url}/embeddings", content=body, headers=AUTH, timeout=120)
+        queued = metric(server, "embed_queue_inputs")
+        with lock:
+            done.append(i)
+            statuses[i], queued_then[i] = response.status_code, queued
+
+    [pid] = model_children(server)
+    submitted = metric(server, "embed_submitted_inputs_total")
+    threads = []
+    os.kill(pid, signal.SIGSTOP)  # the first chunk waits in the model process until all four are queued
+    try:
+        for i in range(4):
+            threads.append(threading.Thread(target=send, args=(i,)))
+            threads[-1].start()
+            wait_for(lambda i=i: metric(server, "embed_submitted_inputs_total") >= submitted + 8 * (i + 1),
+                     f"request {i} never reached the queue")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for thread in threads:
+        thread.join()
+    assert statuses == {0: 200, 1: 200, 2: 200, 3: 200}
+    assert done == [0, 1, 2, 3], done
+    for i in range(3):
+        assert queued_then[i] >= 8 * (3 - i) - 4, queued_then  # later requests untouched but for <= 2 chunks
+
+
+def model_children(server) -> list[int]:
+    """The server's model processes (multiprocessing spawn children), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == server.proc.pid and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def embed(server, payload: dict) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/embeddings", json=payload, headers=AUTH, timeout=60)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_hung_model_process_gets_503_is_killed_restarted_and_ready_says_so(server, minilm):
+    """model_timeout_s is 12 here (a full 512-token call), so 3 s for this one-input call. A stopped (SIGSTOP)
+    model process: the request gets a 503 after the deadline, the process is killed, /v1/health/ready answers 503
+    while the new one starts, then 200, and requests work."""
+    from embedpipe.core.models import encode
+    from tests.serve_helpers import PASSAGE_PROMPT
+
+    [pid] = model_children(server)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        hung = embed(server, {"input": "is anybody there?"})
+        ready_while_restarting = httpx.get(f"{server.base_url}/health/ready", timeout=10)
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+    error = assert_openai_error(hung, 503, "model_unavailable")
+    assert error["type"] == "server_error" and "restart" in error["message"]
+    assert not Path(f"/proc/{pid}").exists()  # killed (and reaped)
+    assert_openai_error(ready_while_restarting, 503, "model_unavailable")
+    wait_for(lambda: ready_status(server) == 200, "readiness never came back", timeout_s=90)
+    [new_pid] = model_children(server)
+    good = embed(server, {"input": ["after the restart", "works again"]})
+    assert good.status_code == 200 and new_pid != pid
+    got = np.array([d["embedding"] for d in good.json()["data"]], dtype=np.float32)
+    expected = encode(minilm, ["after the restart", "works again"], PASSAGE_PROMPT)
+    assert (np.sum(got * expected, axis=1) > 0.999).all()
+    assert "did not answer a model run" in server.log_tail(10**6)
+
+
+def ready_status(server) -> int | None:
+    """/v1/health/ready's status, None when the probe failed at the transport level. In 2 of ~9 runs of this
+    file one probe during the model process's restart got "server disconnected without sending a response"
+    (cause not found; not reproduced alone); a load balancer takes a failed probe as not ready too."""
+    try:
+        return httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code
+    except httpx.TransportError:
+        return None
+
+
+def cosine(a: list[float], b: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float32)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_whitespace_padded_input_is_not_cut_and_none_counts_real_tokens(server, minilm):
+    from embedpipe.core.models import encode
+    from tests.serve_helpers import PASSAGE_PROMPT
+
+    words = " ".join(f"word{i}" if i % 2 else "kettle" for i in range(30))
+    padded = "start here" + " " * 6000 + words  # 6,000+ characters, few tokens
+    unk_words = " ".join(["x" * 120] * 60)  # 7,259 characters of 60 one-token ([UNK]) words: 120 chars/token
+    for text in (padded, unk_words):
+        expected = encode(minilm, [text], PASSAGE_PROMPT)[0]
+        for truncate in ("END", "NONE"):
+            response = embed(server, {"input": text, "truncate": truncate})
+            assert response.status_code == 200, response.text[:300]
+            served = response.json()
+            assert cosine(served["data"][0]["embedding"], expected) > 0.999
+            assert served["usage"]["total_tokens"] < 256
+    assert_openai_error(embed(server, {"input": padded + " more" * 300, "truncate": "NONE"}), 400,
+                        "context_length_exceeded")
+
+
+def test_token_id_inputs_are_embedded_like_their_text(server):
+    hello = embed(server, {"input": "hello"}).json()["data"][0]["embedding"]
+    world = embed(server, {"input": "world"}).json()["data"][0]["embedding"]
+    flat = embed(server, {"input": [101, 7592, 102]})
+    nested = embed(server, {"input": [[101, 7592, 102], [2088]]})
+    assert flat.status_code == nested.status_code == 200
+    assert cosine(flat.json()["data"][0]["embedding"], np.array(hello)) > 0.9999
+    rows = nested.json()["data"]
+    assert len(rows) == 2 and cosine(rows[0]["embedding"], np.array(hello)) > 0.9999
+    assert cosine(rows[1]["embedding"], np.array(world)) > 0.9999
+
+
+def test_max_inputs_per_request_is_capped_at_openais_2048(repo_root, abuse_params, tmp_path):
+    from conftest import stage_env
+
+    from embedpipe.serving.server import ServerSettings
+
+    assert ServerSettings(model_name="m", max_inputs_per_request=2048).max_inputs_per_request == 2048
+    with pytest.raises(ValueError, match="2048"):
+        ServerSettings(model_name="m", max_inputs_per_request=2049)
+    params = yaml.safe_load(abuse_params.read_text())
+    params["serve"]["max_inputs_per_request"] = 4096
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "stages/serve.py", "--params", str(tmp_path / "params.yaml"),
+                             "--port", "1"], cwd=repo_root, env=stage_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "max_inputs_per_request must be 1..2048" in result.stderr, result.stderr[-2000:]
+
+
 # --- 5. shutdown ---------------------------------------------------------------------------------------------
 
 
@@ -449,9 +713,14 @@ def test_sigterm_under_load_answers_json_503_and_exits_non_zero(server):
     """Last test of the module: it stops the module's server (drain_timeout_s is 1 here)."""
     proc = server
     body = json.dumps({"input": [LONG_INPUT] * 16}).encode()
-    with ThreadPoolExecutor(12) as pool:  # 12 x 16 inputs: within max_queued_inputs (200)
-        futures = [pool.submit(httpx.post, f"{proc.base_url}/embeddings", content=body, headers=AUTH,
-                               timeout=60) for _ in range(12)]
+    submitted = metric(proc, "embed_submitted_inputs_total")
+    with ThreadPoolExecutor(12) as pool:  # 12 x 16 inputs: within max_queued_inputs (200), sent in a known order
+        futures = []
+        for i in range(12):
+            futures.append(pool.submit(httpx.post, f"{proc.base_url}/embeddings", content=body, headers=AUTH,
+                                       timeout=60))
+            wait_for(lambda i=i: metric(proc, "embed_submitted_inputs_total") >= submitted + 16 * (i + 1),
+                     f"request {i} never reached the queue")
         deadline = time.monotonic() + 20
         while metric(proc, "embed_queue_inputs") < 100 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -460,8 +729,9 @@ def test_sigterm_under_load_answers_json_503_and_exits_non_zero(server):
         responses = [f.result() for f in futures]
     code = proc.proc.wait(30)
     took = time.perf_counter() - started
-    statuses = sorted(r.status_code for r in responses)
+    statuses = [r.status_code for r in responses]  # in arrival order
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    assert statuses == sorted(statuses), statuses  # FIFO: what finished in the drain came first, never a later one
     for r in responses:
         if r.status_code == 503:
             assert_openai_error(r, 503, "shutting_down")

@@ -9,9 +9,12 @@ A child process has its own GIL; the parent's model thread only waits on a pipe.
 
 The parent keeps its own encoder for tokenising and the model card (a second copy of the weights in memory; the
 parent never runs it). The child is rebuilt from the same `EncoderSpec`. If the child dies (killed, out of
-memory), the requests of that model run get a 500 and the next run starts a fresh child. It ignores SIGINT and
-SIGTERM (the parent drains its queue through it on shutdown) and exits when the parent's end of the pipe closes,
-so it never outlives the server.
+memory), the requests of that model run get a 503 (`ModelUnavailable`) and a fresh child is started. If it hangs
+(stopped, deadlocked, swapping), the model call's deadline (`call_timeout_s`) ends the wait: the requests get a
+503, the child is killed and a new one started. `available()` says whether a child can answer now (the server's
+/v1/health/ready); it also completes or begins a restart, so readiness comes back without traffic. The child
+ignores SIGINT and SIGTERM (the parent drains its queue through it on shutdown) and exits when the parent's end of
+the pipe closes, so it never outlives the server.
 
 `workers` > 1 starts that many children, each with its share of the cores (`EncoderSpec.threads`), and lets that many
 model runs go at once (the server runs one scheduler loop per worker). Why: on a small CPU a model run of a few
@@ -25,6 +28,7 @@ import logging
 import multiprocessing as mp
 import queue
 import signal
+import threading
 import traceback
 from dataclasses import replace
 from typing import Any
@@ -37,7 +41,16 @@ log = logging.getLogger("embedpipe.serving.server")
 
 
 class ModelProcessError(RuntimeError):
-    """The model process failed to start, or died during a model run."""
+    """The model process failed to start, or a model run failed in it."""
+
+    status = 500
+
+
+class ModelUnavailable(ModelProcessError):
+    """No answer from the model process: it died during the run, or missed the call deadline (then it was killed).
+    A new one is starting; the request may be retried (the server answers 503)."""
+
+    status = 503
 
 
 def _child(conn, spec: EncoderSpec) -> None:
@@ -67,12 +80,14 @@ def _child(conn, spec: EncoderSpec) -> None:
 
 
 class _Worker:
-    """One model process and the pipe to it; one model run at a time."""
+    """One model process and the pipe to it; one model run at a time (`lock`)."""
 
     def __init__(self, spec: EncoderSpec, context: Any, startup_timeout_s: float):
         self.spec, self.context, self.startup_timeout_s = spec, context, startup_timeout_s
         self.proc: Any = None
         self.conn: Any = None
+        self.starting = False  # spawned, its "ready" message not received yet
+        self.lock = threading.Lock()
         self.spawn()
 
     def spawn(self) -> None:
@@ -82,38 +97,85 @@ class _Worker:
         self.proc = self.context.Process(target=_child, args=(child_end, self.spec), name="embedpipe-model",
                                          daemon=True)
         self.proc.start()
+        self.starting = True
         child_end.close()  # only the child holds it now: its exit makes our recv() fail instead of hang
 
     def wait_ready(self) -> tuple[str, str, bool]:
         """Wait for the child's model; returns the variant and device it runs, and whether it is compiled."""
         if not self.conn.poll(self.startup_timeout_s):
-            raise ModelProcessError(f"the model process was not ready after {self.startup_timeout_s:.0f} s")
+            self._kill()
+            raise ModelUnavailable(f"the model process was not ready after {self.startup_timeout_s:.0f} s")
+        return self._ready_message()
+
+    def _ready_message(self) -> tuple[str, str, bool]:
         try:
             status, payload = self.conn.recv()
         except (EOFError, OSError):
             self.proc.join(5)
-            raise ModelProcessError(f"the model process exited with code {self.proc.exitcode} while loading the "
-                                    "model") from None
+            self.starting = False
+            raise ModelUnavailable(f"the model process exited with code {self.proc.exitcode} while loading the "
+                                   "model") from None
+        self.starting = False
         if status != "ready":
             raise ModelProcessError(f"the model process could not load the model: {payload}")
         return payload["variant"], payload["device"], payload["compiled"]
 
-    def run(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
-        if self.proc is None or not self.proc.is_alive():
-            code = self.proc.exitcode if self.proc is not None else None
-            log.warning("model process exited (code %s); starting a new one", code)
+    def _kill(self) -> None:
+        self.proc.kill()  # SIGKILL: also ends a stopped (SIGSTOP) process
+        self.proc.join(5)
+        self.starting = False
+
+    def _up(self) -> None:
+        """A child that can take a run: the current one, a starting one waited for, or a new one."""
+        if not self.starting and not self.proc.is_alive():
+            log.warning("model process exited (code %s); starting a new one", self.proc.exitcode)
             self.spawn()
+        if self.starting:
             self.wait_ready()
-        try:
-            self.conn.send((ids, batch_size))
-            status, payload = self.conn.recv()
-        except (EOFError, OSError):
-            self.proc.join(5)
-            raise ModelProcessError(f"the model process died during a model run (exit code "
-                                    f"{self.proc.exitcode}); the next run starts a new one") from None
+
+    def run(self, ids: list[list[int]], batch_size: int, deadline_s: float = 0.0) -> np.ndarray:
+        """One model run; `deadline_s` (0: none) bounds the wait for its answer."""
+        with self.lock:
+            self._up()
+            try:
+                self.conn.send((ids, batch_size))
+                if deadline_s and not self.conn.poll(deadline_s):
+                    pid = self.proc.pid
+                    self._kill()
+                    log.error("model process pid %s did not answer a model run of %d inputs within %.1f s: killed, "
+                              "starting a new one", pid, len(ids), deadline_s)
+                    self.spawn()
+                    raise ModelUnavailable(f"the model did not answer within {deadline_s:.1f} s; its process "
+                                           "was killed and is being restarted")
+                status, payload = self.conn.recv()
+            except (EOFError, OSError):
+                self.proc.join(5)
+                raise ModelUnavailable(f"the model process died during a model run (exit code "
+                                       f"{self.proc.exitcode}); a new one is starting") from None
         if status != "ok":
             raise ModelProcessError(f"model run failed in the model process:\n{payload}")
         return payload
+
+    def available(self) -> bool:
+        """Whether this child can answer now, without waiting. When no run holds the worker, it also takes a
+        restarted child's "ready" message, or starts a new child for a dead one."""
+        if not self.lock.acquire(blocking=False):  # a run is in progress
+            return not self.starting and self.proc is not None and self.proc.is_alive()
+        try:
+            if self.proc is None:
+                return False
+            if not self.starting and not self.proc.is_alive():
+                log.warning("model process exited (code %s); starting a new one", self.proc.exitcode)
+                self.spawn()
+            if self.starting and self.conn.poll(0):
+                try:
+                    self._ready_message()
+                except ModelProcessError as e:
+                    log.error("%s", e)
+                    return False
+            return not self.starting and self.proc.is_alive()
+        finally:
+            self.lock.release()
 
     def close(self) -> None:
         """Stop the child (it exits when its pipe closes; killed if it does not within 10 s)."""
@@ -136,12 +198,19 @@ class ProcessEncoder:
     """`local`'s interface (tokenize, dimension, prompts, ...) with `encode_ids` computed in child processes.
 
     `workers` model runs at a time, one per child; a run waits for a free child.
+
+    `call_timeout_s` (0: none) is the deadline of a model call of `call_tokens` tokens (the server sets it to
+    its `max_batch_tokens`, a full call); a call of n tokens gets `call_timeout_s * max(1/4, n / call_tokens)`,
+    so a hung child is noticed sooner on small calls, while big ones keep a generous bound. A child that misses
+    it is killed and restarted, and the call raises `ModelUnavailable`.
     """
 
-    def __init__(self, spec: EncoderSpec, local: Any = None, startup_timeout_s: float = 600.0, workers: int = 1):
+    def __init__(self, spec: EncoderSpec, local: Any = None, startup_timeout_s: float = 600.0, workers: int = 1,
+                 call_timeout_s: float = 0.0):
         if workers < 1:
             raise ValueError(f"model workers must be >= 1, got {workers}")
         self.spec, self.workers = spec, workers
+        self.call_timeout_s, self.call_tokens = call_timeout_s, 512
         context = mp.get_context("spawn")  # fork after torch/onnxruntime made their thread pools is unsafe
         self._workers: list[_Worker] = []
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -177,13 +246,22 @@ class ProcessEncoder:
             raise AttributeError(name)
         return getattr(self._local, name)
 
+    def available(self) -> bool:
+        """Whether some model process can answer now (see `_Worker.available`)."""
+        return any([worker.available() for worker in self._workers])  # every one checked: restarts begin
+
     def encode(self, texts: list[str], prompt: str = "", batch_size: int = 32) -> np.ndarray:
         return self.encode_ids(self._local.tokenize([prompt + t for t in texts]), batch_size)
+
+    def deadline_s(self, ids: list[list[int]]) -> float:
+        """The model call's deadline in seconds (0: none), see the class docstring."""
+        tokens = sum(len(row) for row in ids)
+        return self.call_timeout_s * max(0.25, tokens / max(1, self.call_tokens))
 
     def encode_ids(self, ids: list[list[int]], batch_size: int = 32) -> np.ndarray:
         worker = self._idle.get()
         try:
-            return worker.run(ids, batch_size)
+            return worker.run(ids, batch_size, self.deadline_s(ids))
         finally:
             self._idle.put(worker)
 

@@ -7,15 +7,21 @@ uvicorn with read timeouts and a bounded drain on SIGTERM.
 Why it is built this way (each point answers an abuse that froze or crashed an earlier version):
 - Nothing heavy runs on the event loop: JSON parsing, validation and tokenising run in a small thread pool,
   the model in its own thread, so /v1/health/live answers while a huge request is being prepared.
-- Every input is cut to `max_seq_length * max_chars_per_token` characters before it is tokenised, so the work
-  per request is bounded whatever the payload; a cut input counts as over-long for `truncate: NONE`.
+- Every input is cut after `max_seq_length * max_chars_per_token` non-whitespace characters before it is
+  tokenised, so the work per request is bounded whatever the payload; an input within the token limit is never
+  cut (whitespace is not counted, and a cut that is not clearly over the limit is undone), see `_Inputs`.
 - The scheduler works on rows, not requests: each model run takes at most `max_batch_size` rows and
-  `max_batch_tokens` tokens, smallest remaining request first, so a 512-input request advances in chunks
-  between small requests instead of blocking them (with an anti-starvation rule for the big one).
+  `max_batch_tokens` tokens; small requests first, big ones in chunks in arrival order (FIFO), so a 512-input
+  request advances in chunks between small requests instead of blocking them, and equal big requests finish one
+  after the other instead of in lock-step (with an anti-starvation rule for the oldest big one).
 - The queue is bounded (`max_queued_inputs` → 429 + Retry-After), in-flight requests too
   (`max_concurrent_requests` → 503 + Retry-After), and work for a client that has gone is skipped.
 - Every error is answered with OpenAI's body `{"error": {"message", "type", "param", "code"}}`; a 500 never
-  carries exception text (the traceback goes to the log with an id the client sees).
+  carries exception text (the traceback goes to the log with an id the client sees). That includes what the
+  HTTP parser refuses (`_protocol_class`): request heads over `max_header_bytes` (431, before the body is read),
+  malformed framing (400 / 501).
+- A model process that stops answering is noticed by the model call's deadline (`ProcessEncoder`): its requests
+  get a 503, it is killed and restarted, and /v1/health/ready says 503 until a model process can answer.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import http
 import json
 import logging
 import math
@@ -59,7 +66,8 @@ _INVISIBLE = (
 )
 _VISIBLE_RE = re.compile(f"[^{_INVISIBLE}]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
-_STARVE_STEPS = 4  # a request passed over this many model runs in a row goes first in the next one
+_STARVE_STEPS = 4  # the oldest big request, passed over this many model runs in a row, goes first in the next one
+MAX_INPUTS_PER_REQUEST = 2048  # OpenAI's ceiling on inputs per request; serve.max_inputs_per_request may be lower
 
 
 def batch_tokens_for(setting: int | str, variant: str, device: str) -> int:
@@ -82,13 +90,15 @@ class ServerSettings:
     max_batch_size: int = 64          # rows per model call
     max_batch_tokens: int = 512       # tokens per model call (a big request advances in chunks of this)
     max_wait_ms: float = 2.0          # how long the first request of a batch waits for others
-    max_inputs_per_request: int = 512
+    max_inputs_per_request: int = 512  # at most MAX_INPUTS_PER_REQUEST (OpenAI's 2,048)
     max_tokens_per_input: int = 0     # 0: the model's max_seq_length
     max_chars_per_token: int = 20     # inputs are cut at token_limit * this many characters before tokenising
     max_payload_bytes: int = 8 * 2**20
     max_queued_inputs: int = 2048     # rows waiting for the model; beyond -> 429
     max_concurrent_requests: int = 128  # POST requests being read/prepared/computed at once; beyond -> 503
     read_timeout_s: float = 10.0      # headers, then the body, must arrive within this (408 / connection closed)
+    max_header_bytes: int = 16384     # request line + headers; beyond -> 431 before the body is read
+    http: str = "auto"                # uvicorn's HTTP parser: auto (httptools if installed) | httptools | h11
     drain_timeout_s: float = 10.0     # on SIGTERM, work not finished by then gets a 503 and the exit code is 1
     default_input_type: str = "passage"  # what a client that sends no input_type (the openai client) gets
     default_truncate: str = "END"        # END matches sentence-transformers' silent truncation
@@ -96,6 +106,15 @@ class ServerSettings:
     api_key: str | None = None        # when set, /v1/* needs `Authorization: Bearer <key>`
     docs_enabled: bool = False        # /docs and /openapi.json (behind the key when one is set)
     serving: dict[str, Any] = field(default_factory=dict)  # how the model runs (`serving_description`): GET /v1/models
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_inputs_per_request <= MAX_INPUTS_PER_REQUEST:
+            raise ValueError(f"serve.max_inputs_per_request must be 1..{MAX_INPUTS_PER_REQUEST} (OpenAI's ceiling), "
+                             f"got {self.max_inputs_per_request}")
+        if self.http not in ("auto", "httptools", "h11"):
+            raise ValueError(f"serve.http must be auto, httptools or h11, got {self.http!r}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"serve.max_header_kb must be at least 1, got {self.max_header_bytes / 1024:g}")
 
 
 def serving_description(serving: dict[str, Any], pids: list[int] | None = None) -> str:
@@ -129,7 +148,9 @@ class ApiError(Exception):
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[str] = Field(description="A text or a list of texts (token-id input is not supported).")
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="A text, a list of texts, or token ids of the served model's tokenizer (a list of ids, or a "
+                    "list of such lists), as OpenAI accepts them; ids are decoded and embedded like text.")
     model: str | None = Field(None, description="The served model's name (GET /v1/models).")
     input_type: Literal["query", "passage"] | None = Field(
         None, description="Applies the model's query or passage prompt; absent: the server's default.")
@@ -171,11 +192,23 @@ class Job:
 class Scheduler:
     """Fair, bounded micro-batching: concurrent requests share model runs, a big request cannot block small ones.
 
-    Each model run takes at most `max_batch_size` rows and `max_batch_tokens` tokens. Requests are served
-    smallest-remaining first; a run is either several requests that all finish in it, or one chunk of the
-    smallest request that does not fit, so a small request waits at most one chunk. A request passed over
-    `_STARVE_STEPS` runs in a row goes first. Rows of cancelled requests (client gone) are never computed.
-    `workers` model runs go at once (one loop each; `fn` must allow that many concurrent calls).
+    Each model run takes at most `max_batch_size` rows and `max_batch_tokens` tokens. A run is either several
+    requests that all finish in it, or one chunk of a request too big for one run ("big": more tokens than
+    `_chunk_tokens`). Rows of cancelled requests (client gone) are never computed. `workers` model runs go at
+    once (one loop each; `fn` must allow that many concurrent calls).
+
+    Order: FIFO by arrival, except that small requests may jump ahead of big ones.
+    - Small requests (whole in one run) go first, in arrival order, so a small request waits at most one chunk.
+    - Big requests are computed in chunks strictly in arrival order: the oldest big request gets every chunk
+      until it is done. Equal large requests therefore finish one after the other, in arrival order, instead of
+      all at the end in lock-step (smallest-remaining-first with round-robin anti-starvation did that: 16 x 32
+      long texts all finished together, so every client waited as long as the last one, and on SIGTERM none of
+      them could finish within the drain timeout). With FIFO the work in front of the queue finishes first, so
+      what fits in the drain timeout is answered 200 and only the tail gets 503.
+    - Bounded unfairness: the oldest big request, passed over `_STARVE_STEPS` runs in a row by small ones, gets
+      the next run's chunk first; a big request waits for the big requests that arrived before it, never for
+      later ones. Shortest-remaining-first with an age bound was the alternative; it lets a stream of
+      medium requests overtake a big one repeatedly, and its order depends on sizes the client cannot see.
     """
 
     def __init__(self, fn, settings: ServerSettings, metrics: dict[str, Any], executor: ThreadPoolExecutor,
@@ -221,6 +254,7 @@ class Scheduler:
         job = Job(ids, self._seq, asyncio.get_running_loop().create_future())
         self._seq += 1
         self.jobs.append(job)
+        self.metrics["submitted"].inc(len(ids))
         self._queue_changed(len(ids))
         self.wake.set()
         return job
@@ -265,19 +299,21 @@ class Scheduler:
 
     def _pick(self) -> list[tuple[Job, int, int]]:
         """The next model run: (job, first row, end row) triples, see the class docstring."""
-        waiting = [j for j in self.jobs if j.remaining]
+        waiting = [j for j in self.jobs if j.remaining]  # self.jobs is in arrival order
         if not waiting:
             return []
-        order = sorted(waiting, key=lambda j: (j.remaining, j.seq))
-        starved = max(waiting, key=lambda j: (j.passed, -j.seq))
-        if starved.passed >= _STARVE_STEPS:
-            order.remove(starved)
-            order.insert(0, starved)
+        chunk = self._chunk_tokens()
+        costs = {id(j): sum(len(row) for row in j.ids[j.next :]) for j in waiting}
+        small = [j for j in waiting if costs[id(j)] <= chunk]
+        big = [j for j in waiting if costs[id(j)] > chunk]
+        order = small + big
+        if big and big[0].passed >= _STARVE_STEPS:  # the oldest big request has waited long enough
+            order.remove(big[0])
+            order.insert(0, big[0])
         picks: list[tuple[Job, int, int]] = []
         rows = tokens = 0
-        chunk = self._chunk_tokens()
         for job in order:
-            cost = sum(len(row) for row in job.ids[job.next :])
+            cost = costs[id(job)]
             if cost <= chunk and self._fit(job, rows, tokens, self.settings.max_batch_tokens) == job.remaining:
                 picks.append((job, job.next, len(job.ids)))
                 rows, tokens = rows + job.remaining, tokens + cost
@@ -287,8 +323,8 @@ class Scheduler:
                 picks.append((job, job.next, job.next + max(1, self._fit(job, 0, 0, chunk))))
             break
         chosen = {id(job) for job, _, _ in picks}
-        for job in waiting:
-            job.passed = 0 if id(job) in chosen else job.passed + 1
+        for job in waiting:  # only the head of the big requests can starve; the others wait their turn (FIFO)
+            job.passed = job.passed + 1 if big and job is big[0] and id(job) not in chosen else 0
         return picks
 
     def _fit(self, job: Job, rows: int, tokens: int, budget: int) -> int:
@@ -329,14 +365,8 @@ class Scheduler:
             start = time.perf_counter()
             try:
                 emb = await loop.run_in_executor(self.executor, self.fn, ids)
-            except Exception:  # the model failed: these requests get a 500, the loop lives on
-                error_id = uuid.uuid4().hex[:12]
-                log.exception("model run failed (error id %s)", error_id)
-                for job, _, _ in picks:
-                    if not job.future.done():
-                        job.future.set_exception(ApiError(500, f"internal error (id {error_id})",
-                                                          type_="server_error", code="internal_error"))
-                    self._forget(job)
+            except Exception as e:  # the model failed: these requests get a 500 (or 503), the loop lives on
+                self._failed(picks, e)
                 continue
             seconds = max(time.perf_counter() - start, 1e-6)
             log.debug("model run: %d rows, %d tokens, %d requests, %.3f s, %d queued", len(ids),
@@ -361,6 +391,23 @@ class Scheduler:
                 offset += b - a
 
 
+    def _failed(self, picks: list[tuple[Job, int, int]], e: Exception) -> None:
+        """A model run raised: a 503 when the model process did not answer (`ModelUnavailable`: dead or past the
+        call deadline, being restarted; retrying is right), else a 500 whose details only the log has."""
+        if getattr(e, "status", 500) == 503:
+            log.error("model run of %d requests failed: %s", len(picks), e)
+            error = ApiError(503, f"{e}; retry", type_="server_error", code="model_unavailable",
+                             headers={"Retry-After": "1"})
+        else:
+            error_id = uuid.uuid4().hex[:12]
+            log.error("model run failed (error id %s)", error_id, exc_info=e)
+            error = ApiError(500, f"internal error (id {error_id})", type_="server_error", code="internal_error")
+        for job, _, _ in picks:
+            if not job.future.done():
+                job.future.set_exception(error)
+            self._forget(job)
+
+
 def _metrics(registry: CollectorRegistry) -> dict[str, Any]:
     return {
         "requests": Counter("embed_requests", "HTTP requests by route template and status (499: client left)",
@@ -373,6 +420,7 @@ def _metrics(registry: CollectorRegistry) -> dict[str, Any]:
         "inputs": Counter("embed_inputs", "Texts embedded and answered", registry=registry),
         "tokens": Counter("embed_tokens", "Tokens embedded and answered", registry=registry),
         "queue": Gauge("embed_queue_inputs", "Inputs waiting for the model", registry=registry),
+        "submitted": Counter("embed_submitted_inputs", "Inputs accepted into the model queue", registry=registry),
         "inflight": Gauge("embed_inflight_requests", "POST requests being read, prepared or computed",
                           registry=registry),
         "cancelled": Counter("embed_cancelled_inputs", "Inputs skipped because their client disconnected",
@@ -430,8 +478,30 @@ class _Guard:
             if label == "/v1/embeddings":
                 self.metrics["latency"].observe(time.perf_counter() - start)
 
+    @staticmethod
+    def _framing_error(raw_headers: list[tuple[bytes, bytes]]) -> tuple[int, str, str] | None:
+        """Headers that make the request ambiguous (request smuggling) or that we cannot decode: status, message,
+        code. The HTTP parsers refuse most of these themselves (their answer is made JSON in `run_server`);
+        this covers what the parser in use lets through."""
+        counts: dict[bytes, int] = {}
+        for name, _ in raw_headers:
+            counts[name] = counts.get(name, 0) + 1
+        for name in (b"authorization", b"content-length", b"transfer-encoding"):
+            if counts.get(name, 0) > 1:
+                return 400, f"more than one {name.decode()} header", "duplicate_header"
+        encoding = next((v for k, v in raw_headers if k == b"transfer-encoding"), None)
+        if encoding is not None and counts.get(b"content-length"):
+            return 400, "both Content-Length and Transfer-Encoding sent", "invalid_request"
+        if encoding is not None and encoding.strip().lower() != b"chunked":
+            return 501, f"Transfer-Encoding {_safe(encoding.decode('latin-1'), 100)!r} is not supported (only " \
+                        "chunked)", "unsupported_transfer_encoding"
+        return None
+
     async def _guarded(self, scope, receive, send):
         path, headers = scope["path"], dict(scope["headers"])
+        framing = self._framing_error(scope["headers"])
+        if framing is not None:
+            return await self._refuse(scope, receive, send, *framing)
         needs_key = path.startswith("/v1/") and not path.startswith("/v1/health") or path in self.protected
         if self.settings.api_key and needs_key and not self._authorized(headers.get(b"authorization")):
             return await self._refuse(scope, receive, send, 401, "missing or wrong API key (send "
@@ -500,10 +570,11 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
+    if param == "input":  # one line, not one per member of the union
+        return ("'input' must be a string, a list of strings, a list of token ids or a list of lists of token "
+                "ids", param)
     message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: "
                         f"{err.get('msg')}" for err in errors[:5])
-    if param == "input":
-        message = "'input' must be a string or a list of strings (token-id input is not supported); " + message
     return message, param
 
 
@@ -513,81 +584,143 @@ def _check_text(text: str, param: str, what: str) -> None:
                        "invalid_value")
 
 
-def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
-    """The FastAPI app serving `encoder` (an OnnxEncoder or TorchEncoder) under `settings`."""
-    registry = CollectorRegistry()
-    metrics = _metrics(registry)
-    token_limit = min(settings.max_tokens_per_input or encoder.max_seq_length, encoder.max_seq_length)
-    char_limit = token_limit * settings.max_chars_per_token
-    state: dict[str, Any] = {"ready": False, "scheduler": None}
-    workers = int(getattr(encoder, "workers", 1))  # a ProcessEncoder may run several model processes
-    model_pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-model")
-    prep_pool = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="embed-prep")
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start}: {e.reason})", None,
+                       "invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                       None, "invalid_json") from None
+    except (ValueError, RecursionError):  # a 5,000-digit number, [[[[... 100,000 deep
+        raise ApiError(400, "request body is not valid JSON (a number too long or nesting too deep)", None,
+                       "invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, 'request body must be a JSON object like {"input": "text"}', None, "invalid_json")
+    return obj
 
-    def run_batch(ids: list[list[int]]) -> np.ndarray:
-        return encoder.encode_ids(ids, settings.encode_batch_size)
 
-    def prepare(raw: bytes) -> Prepared:
-        """Parse, validate, cut and tokenise one request body (in a worker thread: it can take a while)."""
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start}: {e.reason})", None,
-                           "invalid_json") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-                           None, "invalid_json") from None
-        except (ValueError, RecursionError):  # a 5,000-digit number, [[[[... 100,000 deep
-            raise ApiError(400, "request body is not valid JSON (a number too long or nesting too deep)", None,
-                           "invalid_json") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, 'request body must be a JSON object like {"input": "text"}', None, "invalid_json")
+class _Inputs:
+    """Request limits and preparation: parse, validate, bound, tokenise, render (all in worker threads).
+
+    The character pre-bound: an input is cut after `char_limit` (= token limit x `max_chars_per_token`)
+    **non-whitespace** characters, at a word boundary, before it is tokenised, so a 7.9 MB input costs about
+    as much as a 5 KB one. Whitespace is not counted: a tokenizer turns any run of it into at most a few tokens
+    (WordPiece: none), so `"start here" + 6000 spaces + 30 words` (36 tokens) is never cut. The cut is only
+    trusted when the cut text alone has clearly more tokens than the limit; otherwise (words of > 20 characters
+    per token, e.g. long [UNK] words) the whole input is tokenised, which costs at most the payload limit. So a
+    text is never cut, nor refused under `truncate: NONE`, while its real token count is within the limit.
+    """
+
+    MARGIN = 8  # tokens past the limit that make the cut text's count trustworthy (the cut's edge is local)
+
+    def __init__(self, encoder: Any, settings: ServerSettings, token_limit: int):
+        self.encoder, self.settings, self.token_limit = encoder, settings, token_limit
+        self.char_limit = token_limit * settings.max_chars_per_token
+        self._bound_re = re.compile(r"(?:\s*+\S){" + str(self.char_limit) + "}")
+
+    def prepare(self, raw: bytes) -> Prepared:
+        """Parse, validate, bound and tokenise one request body."""
+        body = self._validated(_parse_json(raw))
+        texts = self._texts(body.input)
+        if body.dimensions is not None and body.dimensions > self.encoder.dimension:
+            raise ApiError(400, f"dimensions {body.dimensions} > the model's {self.encoder.dimension}",
+                           "dimensions", "invalid_value")
+        input_type = body.input_type or self.settings.default_input_type
+        prompt = self.encoder.query_prompt if input_type == "query" else self.encoder.passage_prompt
+        ids = self._tokenize([prompt + t for t in texts], len(prompt), body.truncate or
+                             self.settings.default_truncate)
+        return Prepared(ids, body.dimensions, body.encoding_format)
+
+    def _validated(self, obj: dict[str, Any]) -> EmbeddingRequest:
         try:
             body = EmbeddingRequest.model_validate(obj)
         except ValidationError as e:
             message, param = _validation_message(e.errors())
             raise ApiError(422, message, param, "invalid_value") from None
+        name = self.settings.model_name
         if body.model is not None:
             _check_text(body.model, "model", "'model'")
             if not body.model.strip():
                 raise ApiError(400, "'model' is empty: send the served model's name or leave it out", "model",
                                "invalid_value")
-            if body.model != settings.model_name:
-                raise ApiError(404, f"model '{body.model}' not found; this server serves '{settings.model_name}'",
-                               "model", "model_not_found")
-        texts = [body.input] if isinstance(body.input, str) else body.input
+            if body.model != name:
+                raise ApiError(404, f"model '{body.model}' not found; this server serves '{name}'", "model",
+                               "model_not_found")
+        return body
+
+    def _texts(self, given: Any) -> list[str]:
+        """The inputs as texts: token ids (a list of ints, or of lists of ints) decoded with the model's tokenizer."""
+        if isinstance(given, str):
+            texts: list[Any] = [given]
+        elif given and isinstance(given[0], int):
+            texts = [given]
+        else:
+            texts = list(given)
         if not texts:
             raise ApiError(400, "'input' is an empty list", "input", "invalid_value")
-        if len(texts) > settings.max_inputs_per_request:
-            raise ApiError(400, f"{len(texts)} inputs in one request; at most {settings.max_inputs_per_request}",
-                           "input", "too_many_inputs")
+        limit = self.settings.max_inputs_per_request
+        if len(texts) > limit:
+            raise ApiError(400, f"{len(texts)} inputs in one request; at most {limit}", "input", "too_many_inputs")
         for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                texts[i] = text = self._decode(text, i)
             _check_text(text, "input", f"input[{i}]")
             if not _VISIBLE_RE.search(text):
                 raise ApiError(400, f"input[{i}] is empty (only whitespace, control or invisible characters)",
                                "input", "invalid_value")
-        if body.dimensions is not None and body.dimensions > encoder.dimension:
-            raise ApiError(400, f"dimensions {body.dimensions} > the model's {encoder.dimension}", "dimensions",
-                           "invalid_value")
-        truncate = body.truncate or settings.default_truncate
-        cut = [i for i, t in enumerate(texts) if len(t) > char_limit]
-        if cut and truncate == "NONE":  # more characters than any text of token_limit tokens has: over-long
-            raise ApiError(400, f"input[{cut[0]}] has {len(texts[cut[0]])} characters, far more than "
-                           f"{token_limit} tokens; send truncate=END to cut it", "input", "context_length_exceeded")
-        input_type = body.input_type or settings.default_input_type
-        prompt = encoder.query_prompt if input_type == "query" else encoder.passage_prompt
-        prompted = [prompt + (t[:char_limit] if len(t) > char_limit else t) for t in texts]
-        if truncate == "END":  # one pass, cut at the token limit
-            return Prepared(encoder.tokenize(prompted, max_length=token_limit), body.dimensions, body.encoding_format)
-        ids = encoder.tokenize(prompted, max_length=None)
-        over = [i for i, row in enumerate(ids) if len(row) > token_limit]
-        if over:
-            raise ApiError(400, f"input[{over[0]}] has {len(ids[over[0]])} tokens, more than the {token_limit} "
-                           f"allowed ({len(over)} input(s) too long); send truncate=END to cut them",
-                           "input", "context_length_exceeded")
-        return Prepared(ids, body.dimensions, body.encoding_format)
+        return texts
 
-    def render(emb: np.ndarray, prepared: Prepared) -> bytes:
+    def _decode(self, ids: list[int], i: int) -> str:
+        tokenizer = self.encoder.tokenizer
+        if not ids:
+            raise ApiError(400, f"input[{i}] is an empty list of token ids", "input", "invalid_value")
+        if len(ids) > self.char_limit:  # bounds the decoding work like the character pre-bound bounds text
+            raise ApiError(400, f"input[{i}] has {len(ids)} token ids; at most {self.char_limit} are accepted "
+                           f"(the model reads {self.token_limit})", "input", "context_length_exceeded")
+        vocab = len(tokenizer)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"input[{i}]: token id {bad} is outside the model's vocabulary (0..{vocab - 1}); "
+                           "token ids must come from the served model's tokenizer (not tiktoken's)", "input",
+                           "invalid_value")
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _cut(self, text: str, start: int) -> str | None:
+        """`text` cut after `char_limit` non-whitespace characters after `start` (at the last whitespace within
+        256 characters before that point), or None when it has fewer."""
+        found = self._bound_re.match(text, start)
+        if found is None:
+            return None
+        end = found.end()
+        space = max(text.rfind(" ", max(start, end - 256), end), text.rfind("\n", max(start, end - 256), end))
+        return text[: space if space > start else end]
+
+    def _tokenize(self, prompted: list[str], prompt_len: int, truncate: str) -> list[list[int]]:
+        """Token ids of each prompted input, cut at the token limit (END) or refused when over it (NONE)."""
+        limit = self.token_limit
+        cuts = [self._cut(t, prompt_len) if len(t) - prompt_len > self.char_limit else None for t in prompted]
+        bounded = [t if c is None else c for t, c in zip(prompted, cuts, strict=True)]
+        ids = self.encoder.tokenize(bounded, max_length=None)
+        for i, cut in enumerate(cuts):  # a cut input whose cut text is not clearly over-long: its whole text
+            if cut is not None and len(ids[i]) <= limit + self.MARGIN:
+                ids[i] = self.encoder.tokenize([prompted[i]], max_length=None)[0]
+                cuts[i] = None
+        over = [i for i, row in enumerate(ids) if len(row) > limit]
+        if over and truncate == "NONE":
+            i = over[0]
+            count = f"{'at least ' if cuts[i] is not None else ''}{len(ids[i])}"
+            raise ApiError(400, f"input[{i}] has {count} tokens, more than the {limit} allowed ({len(over)} "
+                           "input(s) too long); send truncate=END to cut them", "input", "context_length_exceeded")
+        if over:  # END: the tokenizer's own truncation (keeps the closing special tokens)
+            again = self.encoder.tokenize([bounded[i] if cuts[i] is not None else prompted[i] for i in over],
+                                          max_length=limit)
+            for i, row in zip(over, again, strict=True):
+                ids[i] = row
+        return ids
+
+    def render(self, emb: np.ndarray, prepared: Prepared) -> bytes:
         if prepared.dimensions is not None and prepared.dimensions < emb.shape[1]:
             emb = emb[:, : prepared.dimensions]
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -597,9 +730,29 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
             vectors = emb.astype(np.float32).tolist()
         n_tokens = sum(len(row) for row in prepared.ids)
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        return json.dumps({"object": "list", "data": data, "model": settings.model_name,
+        return json.dumps({"object": "list", "data": data, "model": self.settings.model_name,
                            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}},
                           separators=(",", ":")).encode("utf-8")
+
+
+def _model_ready(encoder: Any) -> bool:
+    """Whether a model process can answer now (an encoder in the server process always can)."""
+    check = getattr(encoder, "available", None)
+    return bool(check()) if callable(check) else True
+
+
+def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app serving `encoder` (an OnnxEncoder, TorchEncoder or ProcessEncoder) under `settings`."""
+    registry = CollectorRegistry()
+    metrics = _metrics(registry)
+    token_limit = min(settings.max_tokens_per_input or encoder.max_seq_length, encoder.max_seq_length)
+    state: dict[str, Any] = {"ready": False, "scheduler": None, "metrics": metrics}
+    workers = int(getattr(encoder, "workers", 1))  # a ProcessEncoder may run several model processes
+    model_pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-model")
+    prep_pool = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="embed-prep")
+
+    def run_batch(ids: list[list[int]]) -> np.ndarray:
+        return encoder.encode_ids(ids, settings.encode_batch_size)
 
     def begin_drain() -> None:
         state["ready"] = False
@@ -624,6 +777,22 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
                   description="OpenAI/NIM-compatible text embeddings.")
     app.state.embed = state
     state["begin_drain"] = begin_drain
+
+    def count_refusal(status: int, code: str) -> None:  # an answer from below the app (run_server's protocol)
+        metrics["requests"].labels("other", str(status)).inc()
+        metrics["errors"].labels(code).inc()
+
+    state["count_refusal"] = count_refusal
+    _add_error_handlers(app, metrics)
+    app.add_middleware(_Guard, settings=settings, metrics=metrics, routes=lambda: app.routes,
+                       protected={"/docs", "/openapi.json", "/docs/oauth2-redirect"} if docs else set())
+    _add_embeddings_route(app, state, _Inputs(encoder, settings, token_limit), prep_pool)
+    _add_info_routes(app, encoder, settings, state, registry, token_limit)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: dict[str, Any]) -> None:
+    """Every error as OpenAI's body, counted by code; a 500 without its exception text."""
 
     def fail(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
              code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -651,11 +820,12 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
         return fail(500, f"internal error (id {error_id}; the server log has the details)", "server_error",
                     code="internal_error")
 
-    app.add_middleware(_Guard, settings=settings, metrics=metrics, routes=lambda: app.routes,
-                       protected={"/docs", "/openapi.json", "/docs/oauth2-redirect"} if docs else set())
 
-    schema = EmbeddingRequest.model_json_schema()
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def _add_embeddings_route(app: FastAPI, state: dict[str, Any], inputs: _Inputs, prep_pool: ThreadPoolExecutor):
+    """POST /v1/embeddings: read, prepare (worker thread), queue, wait (or notice the client left), render."""
+    metrics = state["metrics"]
+    body_doc = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": EmbeddingRequest.model_json_schema()}}}}
 
     @app.post("/v1/embeddings", openapi_extra=body_doc)
     async def embeddings(request: Request) -> Response:
@@ -669,7 +839,7 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
         gone = asyncio.ensure_future(_disconnected(request.receive))
         job: Job | None = None
         try:
-            prepared = await loop.run_in_executor(prep_pool, prepare, raw)
+            prepared = await loop.run_in_executor(prep_pool, inputs.prepare, raw)
             if gone.done():
                 return Response(status_code=499)
             job = scheduler.submit(prepared.ids)
@@ -677,7 +847,7 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
             if not job.future.done():
                 return Response(status_code=499)  # nobody reads it: counted as 499 by the guard
             emb = job.future.result()
-            content = await loop.run_in_executor(prep_pool, render, emb, prepared)
+            content = await loop.run_in_executor(prep_pool, inputs.render, emb, prepared)
         finally:
             gone.cancel()
             if job is not None and not job.future.done():
@@ -685,6 +855,11 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
         metrics["inputs"].inc(len(prepared.ids))
         metrics["tokens"].inc(sum(len(row) for row in prepared.ids))
         return Response(content, media_type="application/json")
+
+
+def _add_info_routes(app: FastAPI, encoder: Any, settings: ServerSettings, state: dict[str, Any],
+                     registry: CollectorRegistry, token_limit: int) -> None:
+    """GET /v1/models, /v1/models/{id}, /v1/health/live, /v1/health/ready, /metrics."""
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "embedpipe",
@@ -709,13 +884,14 @@ def create_app(encoder: Any, settings: ServerSettings) -> FastAPI:
     async def ready() -> Response:
         if not state["ready"]:
             return error_body(503, "model is loading or server shutting down", "server_error", code="not_ready")
+        if not await asyncio.to_thread(_model_ready, encoder):
+            return error_body(503, "no model process can answer now (restarting)", "server_error",
+                              code="model_unavailable")
         return JSONResponse({"object": "health.response", "message": "ready"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 async def _disconnected(receive) -> None:
@@ -724,19 +900,135 @@ async def _disconnected(receive) -> None:
         pass
 
 
-def _http_protocol() -> type:
-    """uvicorn's httptools protocol (C parser) when httptools is installed, else its pure-Python h11 one.
+def _http_protocol(name: str = "auto") -> type:
+    """uvicorn's HTTP protocol: `httptools` (C parser; `auto` when it is installed) or `h11` (pure Python).
 
     Under single-passage traffic the parser is a real share of the server's CPU, which it takes from the model.
     """
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    if name not in ("auto", "httptools", "h11"):
+        raise ValueError(f"serve.http must be auto, httptools or h11, got {name!r}")
+    if name != "h11":
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        return HttpToolsProtocol
-    except ImportError:
-        from uvicorn.protocols.http.h11_impl import H11Protocol
+            return HttpToolsProtocol
+        except ImportError:
+            if name == "httptools":
+                raise
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-        return H11Protocol
+    return H11Protocol
+
+
+class _LimitsProtocol:
+    """Mixed into uvicorn's HTTP protocol (httptools or h11) by `_protocol_class`: what uvicorn lacks, a deadline
+    for the request head (slow-loris), a bound on its size, and OpenAI-style JSON bodies for the errors answered
+    below the app. `embed_settings` and `embed_state` are set on the class `_protocol_class` makes."""
+
+    embed_settings: ServerSettings
+    embed_state: dict[str, Any]
+    _header_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0          # bytes of the request head (request line + headers) received so far
+    _refused = False         # answered at the protocol level: what the client still sends is discarded
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.embed_settings.read_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _reading_head(self) -> bool:
+        """Whether the bytes coming now belong to a request head: no request yet, or the last one's body
+        has been read (or its answer sent)."""
+        return self._idle() or not self.cycle.more_body
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._idle():
+            self._arm()
+        # The head is fed to the parser at most `max_header_bytes` at a time, counted, and refused beyond
+        # the bound before the parser (httptools has no bound of its own) or the app sees any more of it.
+        while data:
+            if not self._reading_head():
+                self._head_bytes = 0
+                super().data_received(data)
+                break
+            room = self.embed_settings.max_header_bytes - self._head_bytes
+            if room <= 0:
+                self._refuse(431, f"request headers larger than {self.embed_settings.max_header_bytes} bytes",
+                             "headers_too_large")
+                return
+            piece, data, cycle = data[:room], data[room:], self.cycle
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+            if self.cycle is not cycle:  # a request's head ended in this piece
+                self._head_bytes = 0
+            if self.transport.is_closing() or self._refused:
+                return
+        if not self._idle():
+            self._disarm()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refuses (plain text there): the JSON error instead. It is
+        called inside the parser's `except`, so the parser's own reason and status hint are at hand."""
+        error = sys.exc_info()[1]
+        status = getattr(error, "error_status_hint", 400)  # h11: 431 (head too big), 501 (transfer coding)
+        detail = str(error) if error is not None and str(error) else msg
+        if "transfer-encoding" in detail.lower() and "content-length" not in detail.lower():
+            status = 501  # llhttp: "Request has invalid `Transfer-Encoding`"
+        code = {431: "headers_too_large", 501: "unsupported_transfer_encoding"}.get(status, "invalid_http")
+        self._refuse(status, f"malformed HTTP request: {detail}", code)
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer with the JSON error and close; what the client still sends is read and dropped for a
+        while first (closing with unread data would reset the connection and lose the answer)."""
+        self._refused = True
+        count = self.embed_state.get("count_refusal")
+        if count is not None:
+            count(status, code)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a response is under way on this connection: no second one
+            return
+        body = json.dumps({"error": {"message": _safe(message), "type": "invalid_request_error",
+                                     "param": None, "code": code}}).encode()
+        reason = http.HTTPStatus(status).phrase.encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(min(self.embed_settings.read_timeout_s, 2.0), self.transport.close)
+        else:
+            self.transport.close()
+
+    def eof_received(self):
+        if self._refused:
+            self.transport.close()
+        return super().eof_received()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _too_slow(self) -> None:
+        self._header_timer = None
+        if self._idle() and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _protocol_class(base: type, settings: ServerSettings, state: dict[str, Any]) -> type:
+    """uvicorn's HTTP protocol `base` with `_LimitsProtocol` on top, for this server's settings and state."""
+    return type("Protocol", (_LimitsProtocol, base), {"embed_settings": settings, "embed_state": state})
 
 
 def run_server(app: FastAPI, settings: ServerSettings, host: str, port: int, log_level: str = "warning") -> int:
@@ -750,42 +1042,7 @@ def run_server(app: FastAPI, settings: ServerSettings, host: str, port: int, log
 
     state = app.state.embed
 
-    class Protocol(_http_protocol()):
-        """uvicorn's HTTP protocol plus a deadline for the request headers (slow-loris connections)."""
-
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(settings.read_timeout_s, self._too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _idle(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
-
-        def data_received(self, data: bytes) -> None:
-            if self._idle():
-                self._arm()
-            super().data_received(data)
-            if not self._idle():
-                self._disarm()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _too_slow(self) -> None:
-            self._header_timer = None
-            if self._idle() and not self.transport.is_closing():
-                self.transport.close()
+    Protocol = _protocol_class(_http_protocol(settings.http), settings, state)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
@@ -805,7 +1062,8 @@ def run_server(app: FastAPI, settings: ServerSettings, host: str, port: int, log
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: sys.exit(exit_code()))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=Protocol,
-                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s + 5), timeout_keep_alive=5)
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s + 5), timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=2 * settings.max_header_bytes)  # ours refuses first
     Server(config).run()
     return exit_code()
 
