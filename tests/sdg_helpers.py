@@ -130,7 +130,7 @@ def write_params(path: Path, repo_root: Path, **sdg_overrides: Any) -> Path:
         node = cfg
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node[p]
+            node = node.setdefault(p, {})  # params.yaml leaves most sections to the schema
         node[leaf] = value
     path.write_text(yaml.safe_dump({"model": params["model"], "sdg": cfg}))
     return path

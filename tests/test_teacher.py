@@ -154,7 +154,7 @@ def test_prep_with_the_teacher_then_a_distillation_step(assembled, tmp_path, tin
     params.write_text(
         "model: {base_model: all-MiniLM-L6-v2, query_prompt: '', passage_prompt: '', max_seq_length: 64, device: cpu}\n"
         "prep: {seed: 7, test_fraction: 0.2, group_by: document, val_fraction: 0.1, val_min: 3, num_negatives: 3,"
-        " margin_mode: relative, relative_margin: 0.05, cache_dir: '',"
+        " margin_mode: relative, relative_margin: 0.05,"
         " teacher: {enabled: true, max_seq_length: 64, extra_candidates: 2, false_negative_margin: 0.05, max_passages: 0}}\n"
     )
     prep = tmp_path / "prep"

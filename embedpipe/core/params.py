@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,12 +23,12 @@ Number = int | float  # keeps a YAML integer an int (e.g. epochs: 1), as the sta
 
 # Keys that were renamed or removed: dotted name -> what to write instead (shown when an old file uses them).
 RENAMED: dict[str, str] = {
-    "prep.cache_dir": "removed: base-model vectors live in the shared embedding store ($EMBEDPIPE_EMBED_CACHE)",
+    "prep.cache_dir": "delete it: base-model vectors live in the shared embedding store ($EMBEDPIPE_EMBED_CACHE)",
 }
 
 
-class ParamsError(ValueError):
-    """A params file is missing, unreadable or invalid; the message names the key."""
+class ParamsError(click.ClickException, ValueError):
+    """A params file is missing, unreadable or invalid; the message names the key (a stage prints it, exit 1)."""
 
 
 class _Section(BaseModel):
@@ -430,12 +431,11 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 
 
 def _flatten(data: Any, prefix: str = "") -> list[str]:
-    if not isinstance(data, dict):
-        return [prefix] if prefix else []
+    """Every dotted key of a nested mapping, sections and leaves."""
     keys = []
-    for key, value in data.items():
-        keys += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-        keys.append(f"{prefix}.{key}" if prefix else str(key))
+    for key, value in (data.items() if isinstance(data, dict) else ()):
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        keys += [dotted, *_flatten(value, dotted)]
     return keys
 
 
