@@ -141,18 +141,8 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
         console.print(f"server ready at {server.base_url} ('{name}', {variant}, dimension {dimension})")
         serving = served_setup(server.base_url, name, env["OPENAI_API_KEY"])
         if not smoke_only:
-            batch = min(32, int(scfg.get("max_inputs_per_request") or 32))
-            vectors = check_vectors(server.base_url, name, env["OPENAI_API_KEY"], sample, reference,
-                                    cosine_bar(cfg, variant), batch)
-            vectors["reference_encoded"] = encoded
-            if n_corpus <= full_max:
-                Path(out_path).unlink(missing_ok=True)  # never read back a stale result
-                cmd = [sys.executable, "stages/eval.py", "--params", params_path, "--endpoint", server.base_url,
-                       "--model", name, "--beir-dir", cfg["eval_dir"], "--reference", cfg["reference"],
-                       "--out", out_path, "--api-key-env", "OPENAI_API_KEY"]
-                rc = subprocess.run(cmd, env=env).returncode
-                record = read_json(out_path) if Path(out_path).is_file() else {"passed": False,
-                                                                                  "error": f"eval exited {rc}"}
+            vectors, rc, record = served_checks(server.base_url, name, env, params_path, cfg, scfg, variant, sample,
+                                                reference, encoded, n_corpus <= full_max, out_path)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     finally:
@@ -177,12 +167,41 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
               "wall_time_s": round(time.time() - started, 2)}
     write_json(out_path, result)
 
+    report(result, name, server.base_url, sample, encoded, rc, record, stop_rc, out_path)
+    sys.exit(0 if passed else 1)
+
+
+def served_checks(url: str, name: str, env: dict, params_path: str, cfg: dict, scfg: dict, variant: str, sample: dict,
+                  reference: Any, encoded: int, full: bool, out_path: str) -> tuple[dict, int, dict]:
+    """Served vs stored vectors on the sample and, on a small test set, eval over HTTP -> (vectors, eval rc, record)."""
+    record: dict[str, Any] = {}
+    rc = 0
+    batch = min(32, int(scfg.get("max_inputs_per_request") or 32))
+    vectors = check_vectors(url, name, env["OPENAI_API_KEY"], sample, reference,
+                            cosine_bar(cfg, variant), batch)
+    vectors["reference_encoded"] = encoded
+    if full:
+        Path(out_path).unlink(missing_ok=True)  # never read back a stale result
+        cmd = [sys.executable, "stages/eval.py", "--params", params_path, "--endpoint", url,
+               "--model", name, "--beir-dir", cfg["eval_dir"], "--reference", cfg["reference"],
+               "--out", out_path, "--api-key-env", "OPENAI_API_KEY"]
+        rc = subprocess.run(cmd, env=env).returncode
+        record = read_json(out_path) if Path(out_path).is_file() else {"passed": False,
+                                                                          "error": f"eval exited {rc}"}
+    return vectors, rc, record
+
+
+def report(result: dict, name: str, endpoint: str, sample: dict, encoded: int, rc: int, record: dict, stop_rc: int,
+           out_path: str) -> None:
+    """The deploy_check summary and, when something failed, the one line saying what."""
+    vectors, full, why, variant = result["vector_check"], result["full_eval"], result["full_eval_reason"], result["variant"]
+    served_as, passed = result["served_as"], result["passed"]
     if "error" in vectors:
         verdict = f"FAILED: {vectors['error']}"
     else:
         verdict = (f"{'passed' if vectors['passed'] else 'FAILED'}: cosine min {vectors['cosine_min']:.5f} "
                    f"(required {vectors['cosine_required']}), mean {vectors['cosine_mean']:.5f}")
-    rows = {"model": name, "variant": variant, "endpoint": server.base_url, "served as": served_as or "-",
+    rows = {"model": name, "variant": variant, "endpoint": endpoint, "served as": served_as or "-",
             "checks run": "sample vectors + full served metrics" if full else "sample vectors only",
             "why": why,
             "sample": f"{len(sample['passages'])} passages + {len(sample['queries'])} queries, "
@@ -198,7 +217,6 @@ def main(params_path: str, model_dir: str | None, variant: str | None, out_path:
         alert("the served vectors differ from the fine-tuned model's (see vector_check in " + out_path + ")")
     elif full and not passed:
         alert("the served model's metrics drift from metrics/eval.json (see eval's output above)")
-    sys.exit(0 if passed else 1)
 
 
 def check_vectors(url: str, name: str, api_key: str, sample: dict[str, list[str]], reference: Any,

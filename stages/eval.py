@@ -323,11 +323,21 @@ def run_models(
     write_json(metrics_path, metrics)
     regression = bool(metrics.get("regression"))
 
+    print_summary(metrics, scores, results, names, mine, len(qrels), len(corpus), out, started)
+    if regression:
+        return not bool(cfg["fail_on_regression"])
+    return True
+
+
+def print_summary(metrics: dict, scores: dict, results: dict, names: dict, mine: dict, n_queries: int, n_passages: int,
+                  out: Path, started: float) -> None:
+    """The comparison lines, the eval summary, and an alert for each regression (synthetic test, your questions)."""
+    regression = bool(metrics.get("regression"))
     if len(results) == 2:
         click.echo("Comparison (base → fine-tuned)")
         for line in comparison_lines(scores["base"], scores["finetuned"]):
             click.echo(f"  {line}")
-    rows: dict[str, Any] = {"queries": len(qrels), "passages": len(corpus)}
+    rows: dict[str, Any] = {"queries": n_queries, "passages": n_passages}
     for label, s in scores.items():
         rows.update({f"{label} {display_name(m)}": s[m] for m in (HEADLINE, "recall@10", "mrr@10")})
     if "significance" in metrics:
@@ -363,9 +373,6 @@ def run_models(
             f"model's ({d:+.5f}); export and deploy_check will refuse to ship it unless "
             f"eval.user_questions_allow_regression is true. The questions that lost are in {out / 'report.md'}."
         )
-    if regression:
-        return not bool(cfg["fail_on_regression"])
-    return True
 
 
 def load_reference(

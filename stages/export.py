@@ -235,6 +235,41 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
         warn(f"parity is checked on only {n_texts} texts (< {cfg['min_parity_texts']}): a larger test set is safer")
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's "consider pre-processing" advice
+    variants, build, wanted, skipped, trt_reason = build_variants(model, out, cfg, data, passage_prompt)
+    report, ref_info = check_variants(model, out, cfg, data, variants, build, wanted, skipped, trt_reason, names,
+                                      name, query_prompt, passage_prompt)
+    tol, cos_min = float(cfg["metric_tolerance"]), float(cfg["cosine_min"])
+    passed = [v for v in CPU_VARIANTS if v not in BATCH_DEPENDENT and report.get(v, {}).get("passed")]
+    default = max(passed, key=lambda v: report[v]["texts_per_s"]) if passed else "fp32"
+    set_default_variant(out, default)
+
+    triton_name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    triton = write_triton_repo(out / VARIANTS["fp32"], out / "triton", triton_name, names,
+                               model.get_embedding_dimension(), int(cfg["triton"]["max_batch"]),
+                               int(cfg["triton"]["queue_delay_us"]))
+    result = {"model_name": name, "source": source, "opset": int(cfg["opset"]), "export_s": round(export_s, 2),
+              "max_seq_length": model.max_seq_length, "dimension": model.get_embedding_dimension(),
+              "parity_texts": n_texts, "parity_passages": len(data["passages"]),
+              "parity_corpus_passages": data["corpus_total"], "parity_source": data["source"],
+              "cosine_min_required": cos_min,
+              "metric_tolerance": tol, "default_variant": default, "variants": report,
+              "skipped_variants": {v: e["skipped"] for v, e in report.items() if "skipped" in e},
+              "triton_repo": str(triton),
+              "wall_time_s": round(time.time() - started, 2)}
+    write_json(metrics_path, result)
+
+    rows = summary_rows(report, name, n_texts, data, ref_info, default, triton, result["wall_time_s"])
+    summary("export", rows)
+    if not report["fp32"]["passed"]:
+        alert(f"ONNX fp32 does not match PyTorch (cosine min {report['fp32']['cosine_min']}, required {cos_min}; "
+              f"metric drift {report['fp32'].get('metric_max_drift')}, allowed {tol})")
+        sys.exit(1)
+
+
+def build_variants(model: Any, out: Path, cfg: dict, data: dict,
+                   passage_prompt: str) -> tuple[list[str], dict, dict, dict, str | None]:
+    """Build the variants this machine can use next to OUT/model.onnx -> (variants, build notes, wanted, skipped
+    with reasons, why TensorRT is not built or None)."""
     variants = ["fp32"]
     build: dict[str, dict[str, Any]] = {}
     wanted, skipped = variant_plan(cfg, has_cuda(), cpu_has_bf16())
@@ -272,6 +307,14 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     else:
         console.print(f"TensorRT: skipped ({trt_reason})")
 
+    return variants, build, wanted, skipped, trt_reason
+
+
+def check_variants(model: Any, out: Path, cfg: dict, data: dict, variants: list[str], build: dict, wanted: dict,
+                   skipped: dict, trt_reason: str | None, names: list[str], name: str, query_prompt: str,
+                   passage_prompt: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parity of every variant against torch (variants failing theirs are deleted) -> (report, torch vectors' info)."""
+    n_texts = len(data["passages"]) + len(data["queries"])
     threads = int(cfg.get("threads", 0))
     # Torch vectors (never the bulk encoder's ONNX ones: another fingerprint) from the store, else encoded here.
     ref, torch_s, ref_metrics, ref_info = torch_reference(model, data, query_prompt, passage_prompt)
@@ -330,25 +373,12 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
     elif trt_reason is not None:
         report["tensorrt"] = {"skipped": trt_reason}
 
-    passed = [v for v in CPU_VARIANTS if v not in BATCH_DEPENDENT and report.get(v, {}).get("passed")]
-    default = max(passed, key=lambda v: report[v]["texts_per_s"]) if passed else "fp32"
-    set_default_variant(out, default)
+    return report, ref_info
 
-    triton_name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    triton = write_triton_repo(out / VARIANTS["fp32"], out / "triton", triton_name, names,
-                               model.get_embedding_dimension(), int(cfg["triton"]["max_batch"]),
-                               int(cfg["triton"]["queue_delay_us"]))
-    result = {"model_name": name, "source": source, "opset": int(cfg["opset"]), "export_s": round(export_s, 2),
-              "max_seq_length": model.max_seq_length, "dimension": model.get_embedding_dimension(),
-              "parity_texts": n_texts, "parity_passages": len(data["passages"]),
-              "parity_corpus_passages": data["corpus_total"], "parity_source": data["source"],
-              "cosine_min_required": cos_min,
-              "metric_tolerance": tol, "default_variant": default, "variants": report,
-              "skipped_variants": {v: e["skipped"] for v, e in report.items() if "skipped" in e},
-              "triton_repo": str(triton),
-              "wall_time_s": round(time.time() - started, 2)}
-    write_json(metrics_path, result)
 
+def summary_rows(report: dict, name: str, n_texts: int, data: dict, ref_info: dict, default: str, triton: Any,
+                 wall_s: float) -> dict[str, Any]:
+    """The export summary: one line per variant with its verdict."""
     rows: dict[str, Any] = {"model": name,
                             "texts checked": f"{n_texts} ({len(data['passages'])} of {data['corpus_total']} passages)",
                             "torch texts/s": report["torch"]["texts_per_s"],
@@ -369,12 +399,8 @@ def main(params_path: str, model_in: str | None, out_dir: str | None, eval_dir: 
                              f"{entry['speed_vs_torch']}x")
     rows["default variant"] = f"{default} (fastest batch-invariant CPU variant within tolerance; serve.variant auto)"
     rows["triton repo"] = str(triton)
-    rows["wall time s"] = result["wall_time_s"]
-    summary("export", rows)
-    if not report["fp32"]["passed"]:
-        alert(f"ONNX fp32 does not match PyTorch (cosine min {report['fp32']['cosine_min']}, required {cos_min}; "
-              f"metric drift {report['fp32'].get('metric_max_drift')}, allowed {tol})")
-        sys.exit(1)
+    rows["wall time s"] = wall_s
+    return rows
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     from embedpipe.core.encoders import (
         EncoderSpec,
         ExportNotFound,
-        TorchEncoder,
         build_encoder,
         serving_plan,
         worker_spec,
@@ -72,7 +71,6 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
     from embedpipe.core.models import ModelNotAvailable
     from embedpipe.serving.model_process import ModelProcessError, ProcessEncoder
     from embedpipe.serving.server import (
-        MAX_INPUTS_PER_REQUEST,
         ServerSettings,
         batch_tokens_for,
         create_app,
@@ -82,9 +80,6 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
 
     params = load_params(params_path)
     cfg, mcfg = section(params, "serve"), section(params, "model")
-    if not 1 <= cfg["max_inputs_per_request"] <= MAX_INPUTS_PER_REQUEST:  # before minutes of model loading
-        raise click.ClickException(f"serve.max_inputs_per_request must be 1..{MAX_INPUTS_PER_REQUEST} (OpenAI's "
-                                   f"ceiling), got {cfg['max_inputs_per_request']}")
     backend = backend or cfg["backend"]
     separate = cfg.get("model_process", True) if model_process is None else model_process
     spec = EncoderSpec(
@@ -124,16 +119,7 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
         local = encoder.local if separate else encoder
         if separate:
             encoder.call_tokens = batch_tokens  # model_timeout_s is the deadline of a call this big
-        serving = {
-            "variant": encoder.variant,
-            "runtime": "torch" if isinstance(local, TorchEncoder) else "onnxruntime",
-            "device": str(encoder.device),
-            "max_batch_tokens": batch_tokens,
-            "model_processes": workers if separate else 0,
-            "threads_per_process": spec.threads,
-            "compile_requested": bool(spec.compile),
-            "compiled": bool(getattr(encoder, "compiled", False)),
-        }
+        serving = serving_record(encoder, local, spec, workers if separate else 0, batch_tokens)
         settings = _settings(
             cfg, ServerSettings,
             model_name=model_name or cfg.get("model_name") or encoder.name,
@@ -155,6 +141,22 @@ def main(params_path, model_dir, backend, variant, device, torch_model, torch_dt
         if separate:
             encoder.close()
     sys.exit(code)
+
+
+def serving_record(encoder, local, spec, model_processes: int, batch_tokens: int) -> dict:
+    """How this server runs the model (GET /v1/models/{name} `serving`; deploy_check records it)."""
+    from embedpipe.core.encoders import TorchEncoder
+
+    return {
+        "variant": encoder.variant,
+        "runtime": "torch" if isinstance(local, TorchEncoder) else "onnxruntime",
+        "device": str(encoder.device),
+        "max_batch_tokens": batch_tokens,
+        "model_processes": model_processes,
+        "threads_per_process": spec.threads,
+        "compile_requested": bool(spec.compile),
+        "compiled": bool(getattr(encoder, "compiled", False)),
+    }
 
 
 def _settings(cfg: dict, settings_class: type, **given):

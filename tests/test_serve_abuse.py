@@ -703,7 +703,7 @@ def test_max_inputs_per_request_is_capped_at_openais_2048(repo_root, abuse_param
     result = subprocess.run([sys.executable, "stages/serve.py", "--params", str(tmp_path / "params.yaml"),
                              "--port", "1"], cwd=repo_root, env=stage_env(), capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode != 0 and "max_inputs_per_request must be 1..2048" in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and "'serve.max_inputs_per_request': Input should be less than or equal to 2048" in result.stderr, result.stderr[-2000:]
 
 
 # --- 5. shutdown ---------------------------------------------------------------------------------------------

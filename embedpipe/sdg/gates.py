@@ -19,7 +19,7 @@ from embedpipe.core.io import LLM_FREE_QUERY_TYPES, passage_text
 from embedpipe.core.retrieval import search
 from embedpipe.sdg import rules as sdg
 from embedpipe.sdg.jobs import failure_kind, judge
-from embedpipe.sdg.llm import BUDGET_SPENT, LLMClient
+from embedpipe.sdg.llm import LLMClient
 
 
 def is_inverse_cloze(pair: dict[str, Any]) -> bool:
@@ -94,7 +94,7 @@ class CandidatePool:
             for n, res in client.map(lambda m: judge(client, corpus, self.candidates[m]), judged, progress=bar):
                 m = judged[n]
                 c = self.candidates[m]
-                if not res.ok and res.error == BUDGET_SPENT:
+                if res.not_run:
                     not_run += 1
                     keep[m], reasons[m] = False, "not judged: sdg.llm.time_budget_s spent"
                     continue

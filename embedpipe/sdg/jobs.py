@@ -14,7 +14,7 @@ import numpy as np
 from embedpipe.core.console import progress
 from embedpipe.core.io import passage_text
 from embedpipe.sdg import rules as sdg
-from embedpipe.sdg.llm import BUDGET_SPENT, LLMClient, Result
+from embedpipe.sdg.llm import LLMClient, Result
 
 
 def pick(weights: dict[str, float], key: int) -> str:
@@ -115,7 +115,7 @@ def generate_pairs(
         for i, res in client.map(lambda j: generate(client, corpus, j, compact), jobs, progress=bar):
             results[i] = res
             n_ok += res.ok
-            if not res.ok and res.error == BUDGET_SPENT:
+            if res.not_run:
                 not_run += 1
             bar.set_postfix(pairs=n_ok, cut_by_budget=not_run)
     records: list[dict[str, Any]] = []
@@ -123,7 +123,7 @@ def generate_pairs(
     failures: Counter = Counter()
     for i, job in enumerate(jobs):
         res = results[i]
-        if not res.ok and res.error == BUDGET_SPENT:
+        if res.not_run:
             continue  # never asked: not a rejection, counted in not_run
         if not res.ok:
             failures["generate:" + failure_kind(res.error)] += 1

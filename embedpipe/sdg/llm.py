@@ -46,7 +46,6 @@ class ParseError(ValueError):
     """The reply text does not have the expected shape; the request is asked again."""
 
 
-BUDGET_SPENT = "not run: time budget spent"  # Result.error of a request the time budget did not allow
 
 
 @dataclass
@@ -79,6 +78,7 @@ class Result:
     text: str = ""
     error: str = ""
     cached: bool = False
+    not_run: bool = False  # the time budget (sdg.llm.time_budget_s) was spent before this request was sent
 
 
 @dataclass
@@ -223,7 +223,7 @@ class LLMClient:
                     return Result(False, None, text, f"parse: {e}", cached=True)
             return Result(False, None, text, error or "failed", cached=True)
         if self.budget_spent():
-            return Result(False, None, "", BUDGET_SPENT)
+            return Result(False, None, "", "not run: time budget spent", not_run=True)
 
         text, last_error = "", ""
         for attempt in range(self.cfg.parse_retries + 1):
