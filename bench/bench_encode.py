@@ -17,7 +17,6 @@ to measure as an fp32-only CPU) and `cpu`. Target: >= 1.6x torch, cosine >= 0.99
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -51,15 +50,11 @@ def passages_from(docs: Path, model_location: str, n: int) -> tuple[list[str], i
 
 
 def cpu_name() -> str:
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import cpu_description
+
+    return cpu_description()
+
 
 
 @click.command()

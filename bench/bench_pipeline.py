@@ -126,10 +126,11 @@ def encode_summary(log: list[dict[str, Any]], passages: int, roles: dict[str, st
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import cpu_description
+
+    return cpu_description()
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

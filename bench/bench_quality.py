@@ -527,18 +527,11 @@ def mpnet_zero_shot(work: Path, env: dict[str, str], verbose: bool, params: dict
 
 
 def cpu_name() -> str:
-    """The CPU's model name and whether it computes bf16 natively (what decides which path `auto` takes)."""
-    from embedpipe.core.models import cpu_has_bf16
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import cpu_description
 
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, {'native bf16' if cpu_has_bf16() else 'no native bf16'}"
+    return cpu_description()
+
 
 
 def run_suite(

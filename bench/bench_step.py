@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -49,14 +48,11 @@ SETUPS = {
 
 
 def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    match = re.search(r"model name\s*:\s*(.+)", info)
-    flags = set(re.search(r"flags\s*:\s*(.+)", info).group(1).split()) if "flags" in info else set()
-    extras = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f in flags]
-    return f"{match.group(1).strip() if match else platform.processor()} ({', '.join(extras)})"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import cpu_description
+
+    return cpu_description()
+
 
 
 def texts_from_docs(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
