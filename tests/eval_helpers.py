@@ -43,6 +43,19 @@ TINY_QUERIES = [
 ]
 
 
+def scramble_word_embeddings(folder: Path) -> Path:
+    """Shuffle the saved model's word-embedding rows in place (seeded): a "fine-tuned" model much worse than base."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu")
+    weights = model[0].auto_model.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        weights.copy_(weights[torch.randperm(weights.shape[0], generator=torch.Generator().manual_seed(0))])
+    model.save(str(folder))
+    return folder
+
+
 def make_tiny_beir(folder: Path, corpus_path: Path) -> Path:
     queries = [
         {"_id": qid, "text": text, "metadata": {"query_type": qtype, "hop_count": hops}}

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from eval_helpers import TINY_QUERIES, make_tiny_beir, run_stage, write_params
+from eval_helpers import TINY_QUERIES, make_tiny_beir, run_stage, scramble_word_embeddings, write_params
 
 from embedpipe.core.embed_store import STORE_ENV, read_encode_log
 from embedpipe.core.io import load_beir
@@ -231,16 +231,9 @@ def test_full_run_writes_every_output(full_run, minilm):
 
 def test_regression_is_alerted_and_can_fail_the_run(tmp_path, tiny_corpus_path, finetuned_copy):
     """A "fine-tuned" model with scrambled word embeddings is much worse than base."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
     broken = tmp_path / "broken"
     shutil.copytree(finetuned_copy, broken)
-    model = SentenceTransformer(str(broken), device="cpu")
-    weights = model[0].auto_model.embeddings.word_embeddings.weight
-    with torch.no_grad():
-        weights.copy_(weights[torch.randperm(weights.shape[0], generator=torch.Generator().manual_seed(0))])
-    model.save(str(broken))
+    scramble_word_embeddings(broken)
 
     beir = make_tiny_beir(tmp_path / "beir", tiny_corpus_path)
     params = write_params(tmp_path / "params.yaml", fail_on_regression=True, report_queries=3)

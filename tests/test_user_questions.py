@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 from conftest import REPO_ROOT, stage_env
-from eval_helpers import make_tiny_beir, run_stage, write_params
+from eval_helpers import make_tiny_beir, run_stage, scramble_word_embeddings, write_params
 
 from embedpipe.core.io import FormatError, load_corpus, read_jsonl
 from embedpipe.evaluation.user_questions import MAX_ANSWER_FILES, load_user_questions, shipping_verdict
@@ -204,16 +204,9 @@ def test_eval_stage_rejects_a_bad_questions_file_before_loading_models(tmp_path,
 
 def test_eval_stage_reports_base_vs_finetuned_on_your_questions(tmp_path, tiny_corpus_path, minilm):
     """A "fine-tuned" model with scrambled word embeddings: worse on the user's questions, so flagged."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
     broken = tmp_path / "broken"
     minilm.save(str(broken))
-    model = SentenceTransformer(str(broken), device="cpu")
-    weights = model[0].auto_model.embeddings.word_embeddings.weight
-    with torch.no_grad():
-        weights.copy_(weights[torch.randperm(weights.shape[0], generator=torch.Generator().manual_seed(0))])
-    model.save(str(broken))
+    scramble_word_embeddings(broken)
 
     beir = make_tiny_beir(tmp_path / "beir", tiny_corpus_path)
     questions = write_questions(tmp_path / "q.jsonl", QUESTIONS)
